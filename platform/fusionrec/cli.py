@@ -1,0 +1,130 @@
+"""The `fusionrec` command line. Each command is a thin layer over the library: it parses
+flags, calls one function, and turns bad input into a one-line error and exit code 1."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fusionrec import __version__
+from fusionrec.data.problems import DataError
+
+app = typer.Typer(help="fusionrec: multimodal recommendations on Ray.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Datasets: validate, synthesise, convert.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def friendly_errors(command: Callable) -> Callable:
+    """Report expected failures (bad data, bad arguments, existing output) as one line each, no traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except DataError as exc:
+            for problem in exc.problems:
+                typer.echo(str(problem), err=True)
+            raise typer.Exit(1) from None
+        except (ValueError, FileExistsError, OSError) as exc:
+            fail(str(exc))
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fusionrec {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """fusionrec: multimodal recommendations on Ray."""
+
+
+@data_app.command("validate")
+@friendly_errors
+def data_validate(
+    folder: Annotated[Path, typer.Argument(help="Dataset folder holding dataset.yaml and the tables.")],
+    images: Annotated[bool, typer.Option(help="Open and decode every image (--no-images skips it).")] = True,
+) -> None:
+    """Check a dataset folder against the contract; print every problem as FILE:ROW:COLUMN: message."""
+    from fusionrec.data.validate import validate
+
+    dataset, problems = validate(folder, check_images=images)
+    if problems:
+        for problem in problems:
+            typer.echo(str(problem))
+        typer.echo(f"{folder}: invalid, {len(problems)} problem{'s' if len(problems) != 1 else ''}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"ok {dataset.summary()} ({folder})")
+
+
+@data_app.command("synth")
+@friendly_errors
+def data_synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write the dataset to.")],
+    users: Annotated[int, typer.Option(help="Number of users.")] = 500,
+    items: Annotated[int, typer.Option(help="Number of items.")] = 300,
+    density: Annotated[float, typer.Option(help="Fraction of user-item pairs that are rated.")] = 0.05,
+    seed: Annotated[int, typer.Option(help="Random seed: the same arguments give byte-identical files.")] = 0,
+    image_size: Annotated[int, typer.Option(help="Side of the rendered images in pixels.")] = 128,
+    images: Annotated[bool, typer.Option(help="Render images (--no-images leaves image columns empty).")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Generate the synthetic dress shop, with its hidden truth recorded in dataset.yaml."""
+    import time
+
+    from fusionrec.data.synth import SynthConfig, generate
+
+    start = time.perf_counter()
+    config = SynthConfig(users=users, items=items, density=density, seed=seed, image_size=image_size, images=images)
+    spec = generate(config, out, overwrite=overwrite)
+    typer.echo(
+        f"wrote {out}: {users:,} users, {items:,} items, {config.n_ratings:,} ratings in "
+        f"{time.perf_counter() - start:.1f}s; Bayes floor (best possible test MSE) {spec.truth['bayes_mse']:.4f}"
+    )
+
+
+@data_app.command("movielens-100k")
+@friendly_errors
+def data_movielens(
+    out: Annotated[Path, typer.Argument(help="Folder to write the converted dataset to.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Convert the MovieLens-100K copy shipped by recbole==1.2.1 into a dataset folder."""
+    from fusionrec.data.movielens import convert
+
+    convert(out, overwrite=overwrite)
+    typer.echo(f"wrote {out}: MovieLens-100K (943 users, 1,682 items, 100,000 ratings)")
+
+
+@app.command("metrics")
+@friendly_errors
+def metrics(
+    predictions: Annotated[Path, typer.Option(help="CSV or Parquet with user_id, item_id, rating, prediction.")],
+    k: Annotated[int, typer.Option(help="Cut-off K for Precision@K and NDCG@K.", min=1)] = 5,
+    threshold: Annotated[float, typer.Option(help="A rating >= threshold is relevant.")] = 4.0,
+) -> None:
+    """Score a predictions table: MSE, RMSE, Precision@K, NDCG@K (candidate protocol), as one JSON object."""
+    from fusionrec.data.predictions import load_predictions
+    from fusionrec.metrics import candidate_metrics
+
+    result = candidate_metrics(load_predictions(predictions), k=k, threshold=threshold)
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")

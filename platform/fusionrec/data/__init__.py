@@ -1,0 +1,1 @@
+"""Datasets: the on-disk contract, validation, built-in datasets and splits."""

@@ -1,0 +1,116 @@
+"""Seeded splits of a ratings table into train / validation / test row positions.
+
+- `random_split`: ratings shuffled and cut 70/10/20 (the paper's 7:2 plus a validation part).
+- `kfold`: k disjoint test folds covering every rating once.
+- `cold_start_split`: whole users and whole items held out, so none of them is seen in training.
+- `leave_one_out`: each user's latest rating is the test (the NCF protocol), with
+  `sample_negatives` drawing the items a user never rated to rank it against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+EMPTY = np.empty(0, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Row positions (into the ratings table) of each part; parts are disjoint."""
+
+    train: np.ndarray
+    validation: np.ndarray
+    test: np.ndarray
+
+
+def random_split(n_ratings: int, fractions: tuple[float, float, float] = (0.7, 0.1, 0.2), seed: int = 0) -> Split:
+    if len(fractions) != 3 or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0):
+        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
+    order = np.random.default_rng(seed).permutation(n_ratings)
+    n_train = int(round(fractions[0] * n_ratings))
+    n_validation = int(round(fractions[1] * n_ratings))
+    cut = n_train + n_validation
+    return Split(np.sort(order[:n_train]), np.sort(order[n_train:cut]), np.sort(order[cut:]))
+
+
+def kfold(n_ratings: int, k: int = 5, seed: int = 0) -> list[Split]:
+    """k splits whose test parts partition all ratings; the rest of each is its training part."""
+    if not 2 <= k <= n_ratings:
+        raise ValueError(f"k must be between 2 and the number of ratings ({n_ratings}), got {k}")
+    folds = np.array_split(np.random.default_rng(seed).permutation(n_ratings), k)
+    return [
+        Split(np.sort(np.concatenate(folds[:i] + folds[i + 1:])), EMPTY, np.sort(fold))
+        for i, fold in enumerate(folds)
+    ]
+
+
+def _hold_out(ids: pd.Series, validation: float, test: float, rng: np.random.Generator) -> tuple[set, set]:
+    distinct = np.sort(ids.unique())
+    order = rng.permutation(len(distinct))
+    n_test, n_validation = int(round(test * len(distinct))), int(round(validation * len(distinct)))
+    return set(distinct[order[:n_test]]), set(distinct[order[n_test:n_test + n_validation]])
+
+
+def cold_start_split(
+    ratings: pd.DataFrame,
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    validation: float = 0.1,
+    test: float = 0.2,
+    seed: int = 0,
+) -> Split:
+    """Hold out `test` (and `validation`) of the users and of the items, whole. A rating goes to
+    test if its user or item is a test one, else to validation if either is a validation one,
+    else to train: no held-out user or item has a single training rating."""
+    if min(validation, test) < 0 or validation + test >= 1:
+        raise ValueError("validation and test fractions must be non-negative and sum to below 1")
+    rng = np.random.default_rng(seed)
+    test_users, validation_users = _hold_out(ratings[user_col], validation, test, rng)
+    test_items, validation_items = _hold_out(ratings[item_col], validation, test, rng)
+    users, items = ratings[user_col], ratings[item_col]
+    in_test = (users.isin(test_users) | items.isin(test_items)).to_numpy()
+    in_validation = ~in_test & (users.isin(validation_users) | items.isin(validation_items)).to_numpy()
+    positions = np.arange(len(ratings))
+    return Split(positions[~in_test & ~in_validation], positions[in_validation], positions[in_test])
+
+
+def leave_one_out(
+    ratings: pd.DataFrame, user_col: str = "user_id", time_col: str | None = "timestamp", seed: int = 0
+) -> Split:
+    """Each user's latest rating (by `time_col`; ties and missing times broken at random) is the test;
+    users with a single rating keep it in training."""
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({"user": ratings[user_col].to_numpy(), "tiebreak": rng.random(len(ratings))})
+    frame["time"] = ratings[time_col].to_numpy() if time_col and time_col in ratings else 0.0
+    frame["position"] = np.arange(len(ratings))
+    ordered = frame.sort_values(["user", "time", "tiebreak"], kind="mergesort")
+    last = ~ordered["user"].duplicated(keep="last")
+    only = ~ordered["user"].duplicated(keep=False)
+    test = np.sort(ordered.loc[last & ~only, "position"].to_numpy())
+    train = np.sort(ordered.loc[~(last & ~only), "position"].to_numpy())
+    return Split(train, EMPTY, test)
+
+
+def sample_negatives(
+    ratings: pd.DataFrame,
+    test: np.ndarray,
+    all_items: np.ndarray,
+    n: int = 99,
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    seed: int = 0,
+) -> dict[object, np.ndarray]:
+    """For each test row's user, `n` distinct items that user never rated (in any split)."""
+    rng = np.random.default_rng(seed)
+    all_items = np.asarray(all_items)
+    rated = ratings.groupby(user_col)[item_col].agg(set)
+    negatives: dict[object, np.ndarray] = {}
+    for user in ratings[user_col].to_numpy()[test]:
+        candidates = all_items[~np.isin(all_items, list(rated[user]))]
+        if len(candidates) < n:
+            raise ValueError(f"user {user!r} has only {len(candidates)} unrated items, fewer than {n}")
+        negatives[user] = rng.choice(candidates, size=n, replace=False)
+    return negatives

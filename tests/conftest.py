@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny synthetic shop and a builder for hand-made (often broken) datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from fusionrec.data.synth import SynthConfig, generate  # noqa: E402
+
+SPEC = {
+    "name": "tiny",
+    "rating_scale": {"min": 1, "max": 5},
+    "relevance_threshold": 4,
+    "users": {"id": "user_id", "text": "bio", "image": "photo", "categorical": ["region"], "numeric": ["age"]},
+    "items": {"id": "item_id", "text": "description", "image": "image", "categorical": ["brand"],
+              "numeric": ["price"]},
+}
+
+
+def make_dataset(root: Path, fmt: str = "parquet", users=None, items=None, ratings=None, spec=None) -> Path:
+    """Write a small valid dataset to `root`; pass frames or a spec to replace the defaults."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "images").mkdir(exist_ok=True)
+    for name, colour in (("a.png", "red"), ("b.png", "blue"), ("c.png", "green")):
+        Image.new("RGB", (8, 8), colour).save(root / "images" / name)
+    users = users if users is not None else pd.DataFrame({
+        "user_id": ["u1", "u2", "u3"], "bio": ["likes silk", None, "likes linen"],
+        "photo": ["images/a.png", None, "images/b.png"], "region": ["north", "south", None], "age": [30, 41, None],
+    })
+    items = items if items is not None else pd.DataFrame({
+        "item_id": ["i1", "i2"], "description": ["a silk dress", "a linen dress"],
+        "image": ["images/b.png", "images/c.png"], "brand": ["X", "Y"], "price": [10.5, 20.0],
+    })
+    ratings = ratings if ratings is not None else pd.DataFrame({
+        "user_id": ["u1", "u1", "u2", "u3"], "item_id": ["i1", "i2", "i1", "i2"], "rating": [5, 2, 3, 4],
+    })
+    (root / "dataset.yaml").write_text(yaml.safe_dump(spec or SPEC))
+    for name, frame in (("users", users), ("items", items), ("ratings", ratings)):
+        if fmt == "csv":
+            frame.to_csv(root / f"{name}.csv", index=False)
+        else:
+            frame.to_parquet(root / f"{name}.parquet", index=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_shop(tmp_path_factory) -> Path:
+    """A 60-user, 40-item synthetic shop with images (built once per test session)."""
+    out = tmp_path_factory.mktemp("shop") / "shop"
+    generate(SynthConfig(users=60, items=40, density=0.2, seed=7, image_size=32), out, workers=1)
+    return out
