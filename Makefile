@@ -10,6 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 DEMO_SHOP := $(FUSIONREC_HOME)/demo/shop
+DEMO_FEATURES := $(FUSIONREC_HOME)/demo/features
 
 .PHONY: install demo test lint clean
 
@@ -29,7 +30,9 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(BIN)/fusionrec data synth $(DEMO_SHOP) --users 300 --items 200 --density 0.05 --seed 0 --overwrite
 	$(BIN)/fusionrec data validate $(DEMO_SHOP)
-	@echo "demo shop at $(DEMO_SHOP); its hidden truth is under 'truth:' in dataset.yaml"
+	$(BIN)/fusionrec models prepare
+	$(BIN)/fusionrec encode $(DEMO_SHOP) --out $(DEMO_FEATURES) --image-size 112
+	@echo "demo shop at $(DEMO_SHOP) (hidden truth under 'truth:' in dataset.yaml), features at $(DEMO_FEATURES)"
 
 lint: install
 	$(BIN)/ruff check platform tests benchmarks jobs

