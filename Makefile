@@ -32,6 +32,7 @@ demo: install
 	$(BIN)/fusionrec data validate $(DEMO_SHOP)
 	$(BIN)/fusionrec models prepare
 	$(BIN)/fusionrec encode $(DEMO_SHOP) --out $(DEMO_FEATURES) --image-size 112
+	$(BIN)/fusionrec train $(DEMO_SHOP) --features $(DEMO_FEATURES) --epochs 10 --register
 	@echo "demo shop at $(DEMO_SHOP) (hidden truth under 'truth:' in dataset.yaml), features at $(DEMO_FEATURES)"
 
 lint: install

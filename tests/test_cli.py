@@ -11,7 +11,9 @@ runner = CliRunner()
 
 
 @pytest.mark.parametrize("command", [[], ["data"], ["data", "validate"], ["data", "synth"],
-                                     ["data", "movielens-100k"], ["metrics"]])
+                                     ["data", "movielens-100k"], ["metrics"], ["models"],
+                                     ["models", "prepare"], ["models", "list"], ["encode"], ["train"],
+                                     ["evaluate"]])
 def test_help(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
@@ -19,3 +21,8 @@ def test_help(command):
 
 def test_version():
     assert runner.invoke(app, ["--version"]).stdout.startswith("fusionrec ")
+
+
+def test_models_list():
+    out = runner.invoke(app, ["models", "list"]).stdout
+    assert all(name in out for name in ("fusion", "neumf", "svd", "dnn", "no_structured"))

@@ -191,3 +191,99 @@ def encode(
             typer.echo(f"skipped {failure}", err=True)
         typer.echo(report.line())
     typer.echo(f"features in {out}")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show the recommendation models and FusionNeuMF's ablation variants."""
+    from fusionrec.models.nets import MODELS, VARIANTS
+
+    for name, description in MODELS.items():
+        typer.echo(f"{name:8s} {description}")
+    typer.echo(f"variants of fusion: {', '.join(VARIANTS)}")
+
+
+def _widths(value: str) -> list[int]:
+    try:
+        return [int(w) for w in value.split(",") if w.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers like 128,64, got {value!r}") from None
+
+
+@app.command("train")
+@friendly_errors
+def train(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder.")],
+    features: Annotated[Path | None, typer.Option(help="Feature tables from `fusionrec encode`.")] = None,
+    model: Annotated[str, typer.Option(help="fusion, neumf, svd or dnn (see `fusionrec models list`).")] = "fusion",
+    variant: Annotated[str, typer.Option(help="full, no_image, no_text, no_structured or id_only.")] = "full",
+    mlp: Annotated[str, typer.Option(help="MLP widths, comma-separated.")] = "128,64",
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Ratings per batch (per worker).")] = 512,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 3e-3,
+    objective: Annotated[str, typer.Option(help="rating (MSE on stars) or implicit (BCE, sampled negatives).")]
+    = "rating",
+    workers: Annotated[int, typer.Option(help="Ray Train workers (DDP).")] = 1,
+    split: Annotated[str, typer.Option(help="random (70/10/20), cold-start or loo.")] = "random",
+    seed: Annotated[int, typer.Option(help="Seed for the split and the initialisation.")] = 0,
+    register: Annotated[bool, typer.Option(help="Register in MLflow; promote to champion if better.")] = False,
+) -> None:
+    """Train a model with Ray Train, log it to MLflow, print the test metrics as one JSON object."""
+    from fusionrec.data.schema import load_spec
+    from fusionrec.models.nets import ModelConfig
+    from fusionrec.train import TrainConfig
+    from fusionrec.train import train as run_training
+
+    config = TrainConfig(dataset=str(dataset), features=str(features) if features else None,
+                         model=ModelConfig(model=model, variant=variant, mlp=_widths(mlp)), epochs=epochs,
+                         batch_size=batch_size, lr=lr, objective=objective, workers=workers, split=split, seed=seed)
+    config.check()
+    result = run_training(config, register=register)
+    floor = load_spec(dataset).truth.get("bayes_mse")
+    if floor and result.metrics["mse"] is not None:
+        typer.echo(f"test MSE {result.metrics['mse']:.4f} vs the Bayes floor {floor:.4f} "
+                   f"(ratio {result.metrics['mse'] / floor:.2f}); best epoch {result.best_epoch}", err=True)
+    if register:
+        state = "now champion" if result.promoted else "champion unchanged (not better on validation MSE)"
+        typer.echo(f"registered fusionrec version {result.version}: {state}", err=True)
+    typer.echo(json.dumps(result.metrics))
+
+
+@app.command("evaluate")
+@friendly_errors
+def evaluate(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder the model was trained on.")],
+    model_uri: Annotated[str, typer.Option(help="models:/fusionrec@champion, models:/fusionrec/N or a bundle folder.")]
+    = "models:/fusionrec@champion",
+    protocol: Annotated[str, typer.Option(help="candidate, full or ncf.")] = "candidate",
+    k: Annotated[int, typer.Option(help="Cut-off K.", min=1)] = 5,
+) -> None:
+    """Evaluate a registered model on its test split; one JSON object."""
+    from fusionrec import evaluate as protocols
+    from fusionrec.models.bundle import load_bundle
+    from fusionrec.registry import download
+    from fusionrec.train import split_ratings
+
+    if protocol not in protocols.PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}: choose one of {', '.join(protocols.PROTOCOLS)}")
+    model, meta = load_bundle(download(model_uri))
+    from fusionrec.data.validate import load_dataset
+
+    data = load_dataset(dataset, check_images=False)
+    users = {u: i for i, u in enumerate(meta["users"]["ids"])}
+    items = {u: i for i, u in enumerate(meta["items"]["ids"])}
+    ratings = data.ratings.rename(columns={data.user_id: "user_id", data.item_id: "item_id"})
+    ratings = ratings.assign(user_idx=ratings["user_id"].map(users).fillna(len(users)).astype(int),
+                             item_idx=ratings["item_id"].map(items).fillna(len(items)).astype(int))
+    split = split_ratings(ratings, meta["split"], meta["seed"])
+    test, train_rows = ratings.iloc[split.test], ratings.iloc[split.train]
+    if protocol == "candidate":
+        result = protocols.candidate(model, test, tuple(meta["rating_scale"]), k, meta["relevance_threshold"],
+                                     meta["objective"])
+    elif protocol == "full":
+        result = protocols.full_ranking(model, train_rows, test, k)
+    else:
+        if meta["split"] != "loo":
+            raise ValueError("the ncf protocol needs a model trained with --split loo")
+        result = protocols.ncf(model, ratings, test, len(items), k=k, seed=meta["seed"])
+    typer.echo(json.dumps({"protocol": protocol, **result}))

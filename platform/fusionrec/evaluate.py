@@ -1,0 +1,82 @@
+"""Scoring a trained model under one protocol for every model (RecBole-style).
+
+- candidate: rank each user's test items by predicted rating (the paper's protocol; `metrics.py`).
+- full: rank every item the user did not rate in training; all of the user's test items are
+  relevant (the Microsoft Recommenders protocol): HR, Precision, Recall, NDCG, MAP at K.
+- ncf: leave-one-out; the held-out item ranked against 99 sampled never-rated items: HR/NDCG@K.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fusionrec.data.splits import sample_negatives
+from fusionrec.metrics import candidate_metrics
+from fusionrec.models.nets import Recommender
+
+PROTOCOLS = ("candidate", "full", "ncf")
+
+
+@torch.no_grad()
+def predict(model: Recommender, users: np.ndarray, items: np.ndarray, scale: tuple[float, float] | None,
+            batch_size: int = 8192) -> np.ndarray:
+    """Scores for (user index, item index) pairs; clipped to the rating scale when given."""
+    model.eval()
+    out = []
+    for start in range(0, len(users), batch_size):
+        u = torch.tensor(users[start:start + batch_size], dtype=torch.long)
+        i = torch.tensor(items[start:start + batch_size], dtype=torch.long)
+        out.append(model(u, i).float().numpy())
+    scores = np.concatenate(out) if out else np.zeros(0, np.float32)
+    return np.clip(scores, *scale) if scale else scores
+
+
+def candidate(model: Recommender, test: pd.DataFrame, scale, k: int, threshold: float, objective: str) -> dict:
+    """`test` has user_idx, item_idx, user_id, item_id, rating."""
+    frame = test.assign(prediction=predict(model, test["user_idx"].to_numpy(), test["item_idx"].to_numpy(),
+                                           scale if objective == "rating" else None))
+    result = candidate_metrics(frame[["user_id", "item_id", "rating", "prediction"]], k=k, threshold=threshold)
+    if objective != "rating":  # scores are logits, not ratings: an MSE of them would mean nothing
+        result["mse"] = result["rmse"] = None
+    return result
+
+
+@torch.no_grad()
+def full_ranking(model: Recommender, train: pd.DataFrame, test: pd.DataFrame, k: int) -> dict:
+    """Top-k over all items not rated in training, per test user; every test item is relevant."""
+    seen = train.groupby("user_idx")["item_idx"].agg(list).to_dict()
+    relevant = test.groupby("user_idx")["item_idx"].agg(set)
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    hits_at = {"hr": [], "precision": [], "recall": [], "ndcg": [], "map": []}
+    for user, truth in relevant.items():
+        scores = model.score_all(int(user)).float().numpy()
+        scores[seen.get(user, [])] = -np.inf
+        top = np.argpartition(-scores, min(k, len(scores) - 1))[:k]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        hit = np.array([item in truth for item in top], dtype=float)
+        hits_at["hr"].append(float(hit.any()))
+        hits_at["precision"].append(hit.sum() / k)
+        hits_at["recall"].append(hit.sum() / len(truth))
+        ideal = discounts[:min(len(truth), k)].sum()
+        hits_at["ndcg"].append(float((hit * discounts[:len(hit)]).sum() / ideal))
+        precision_at = np.cumsum(hit) / np.arange(1, len(hit) + 1)
+        hits_at["map"].append(float((precision_at * hit).sum() / min(len(truth), k)))
+    return {f"{name}@{k}": float(np.mean(v)) for name, v in hits_at.items()} | {"users": len(relevant)}
+
+
+@torch.no_grad()
+def ncf(model: Recommender, ratings: pd.DataFrame, test: pd.DataFrame, n_items: int, k: int = 10,
+        negatives: int = 99, seed: int = 0) -> dict:
+    """HR@k / NDCG@k of each held-out item among `negatives` sampled items the user never rated."""
+    sampled = sample_negatives(ratings, test.index.to_numpy(), np.arange(n_items), n=negatives,
+                               user_col="user_idx", item_col="item_idx", seed=seed)
+    hr, ndcg = [], []
+    for user, item in zip(test["user_idx"], test["item_idx"], strict=True):
+        candidates = np.concatenate([[item], sampled[user]])
+        scores = predict(model, np.full(len(candidates), user), candidates, None)
+        rank = int((scores > scores[0]).sum())  # 0-based position of the held-out item
+        hr.append(float(rank < k))
+        ndcg.append(1.0 / np.log2(rank + 2) if rank < k else 0.0)
+    return {f"hr@{k}": float(np.mean(hr)), f"ndcg@{k}": float(np.mean(ndcg)), "users": len(test)}

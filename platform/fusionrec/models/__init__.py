@@ -1,0 +1,1 @@
+"""Recommendation models behind one interface: FusionNeuMF and its baselines."""

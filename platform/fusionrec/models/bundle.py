@@ -1,0 +1,48 @@
+"""A trained model on disk: everything serving needs in one folder.
+
+    model.pt      the state dict (weights, and both sides' content matrices as buffers)
+    bundle.json   model config, id maps, structured encoders, rating scale, split and objective
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fusionrec.models.content import SideContent, StructuredEncoder
+from fusionrec.models.nets import ModelConfig, Recommender, build_model
+
+
+def save_bundle(folder: Path, model: Recommender, users: SideContent, items: SideContent, extra: dict) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), folder / "model.pt")
+    meta = {
+        "model_config": asdict(model.config),
+        "users": {"ids": users.ids.tolist(), "structured": users.encoder.to_dict(),
+                  "dims": {k: v.shape[1] for k, v in users.arrays().items()}},
+        "items": {"ids": items.ids.tolist(), "structured": items.encoder.to_dict(),
+                  "dims": {k: v.shape[1] for k, v in items.arrays().items()}},
+        **extra,
+    }
+    (folder / "bundle.json").write_text(json.dumps(meta))
+
+
+def _empty_side(meta: dict) -> SideContent:
+    n = len(meta["ids"])
+    arrays = {k: np.zeros((n + 1, d), np.float32) for k, d in meta["dims"].items()}
+    return SideContent(ids=np.array(meta["ids"], dtype=object), encoder=StructuredEncoder.from_dict(meta["structured"]),
+                       **arrays)
+
+
+def load_bundle(folder: Path) -> tuple[Recommender, dict]:
+    """The model (eval mode, content restored from its buffers) and the bundle's metadata."""
+    folder = Path(folder)
+    meta = json.loads((folder / "bundle.json").read_text())
+    model = build_model(_empty_side(meta["users"]), _empty_side(meta["items"]), ModelConfig(**meta["model_config"]))
+    model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+    return model.eval(), meta

@@ -1,0 +1,210 @@
+"""The models. Each holds both sides' content as buffers, so `forward(users, items)` takes only
+row indices (index n = the unknown user/item) and `score_all(user)` ranks every item.
+
+    FusionNeuMF (the paper's model), per side:
+        p   = id embedding (shared by both branches; randomly swapped for the unknown row in
+              training with probability id_dropout, so unseen users/items score from content)
+        m   = fusion MLP(text CLS ++ image CLS)          structured s = MLP(one-hots ++ numbers)
+        GMF vector  g = p + W [m ++ s]                    MLP vector  h = [p ++ m ++ s]
+    rating = w . [g_u * g_i  ++  MLP_128->64(h_u ++ h_i)] + b
+
+    svd  : mu + b_u + b_i + p_u . q_i (biased matrix factorisation)
+    neumf: FusionNeuMF with IDs only (variant id_only, no ID dropout)
+    dnn  : MLP over [structured ++ bag-of-words] of user and item, no IDs
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from fusionrec.models.content import SideContent
+
+VARIANTS = ("full", "no_image", "no_text", "no_structured", "id_only")
+MODELS = {
+    "fusion": "FusionNeuMF: ID embeddings (GMF + MLP) fused with text, image and structured content",
+    "neumf": "NeuMF (He et al. 2017) with IDs only",
+    "svd": "biased matrix factorisation (the 'SVD' baseline)",
+    "dnn": "MLP over structured one-hots and bag-of-words text (no IDs)",
+}
+
+
+@dataclass
+class ModelConfig:
+    model: str = "fusion"
+    variant: str = "full"
+    mlp: list[int] = field(default_factory=lambda: [128, 64])
+    embedding_dim: int = 32
+    content_dim: int = 32
+    id_dropout: float = 0.2
+    global_mean: float = 0.0
+
+    def check(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}: choose one of {', '.join(VARIANTS)}")
+        if not self.mlp or min(self.mlp) < 1:
+            raise ValueError(f"--mlp needs positive widths, got {self.mlp}")
+        if not 0 <= self.id_dropout < 1:
+            raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
+
+
+def mlp(widths: list[int], final_activation: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for k, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if final_activation or k < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class ContentBank(nn.Module):
+    """One side's content matrices as buffers; `gather(idx)` returns the rows for a batch.
+
+    `seen` marks who had training ratings: everyone else is given the unknown id (row n), so a
+    cold-start user or item is scored from its own content and the learned "unknown" embedding,
+    never from an untrained random one."""
+
+    def __init__(self, side: SideContent):
+        super().__init__()
+        self.n = side.n
+        for name, matrix in side.arrays().items():
+            self.register_buffer(name, torch.from_numpy(np.ascontiguousarray(matrix)))
+        self.register_buffer("seen", torch.ones(side.n + 1, dtype=torch.bool))
+
+    def mark_seen(self, idx: np.ndarray) -> None:
+        self.seen.zero_()
+        self.seen[torch.as_tensor(np.unique(idx), dtype=torch.long)] = True
+
+    def gather(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        ids = torch.where(self.seen[idx], idx, self.n)
+        return {"ids": ids, "text": self.text[idx], "image": self.image[idx], "structured": self.structured[idx],
+                "words": self.words[idx]}
+
+
+class Recommender(nn.Module):
+    """The shared interface: forward(users, items) -> scores; score_all(user) -> every item's score."""
+
+    def __init__(self, users: SideContent, items: SideContent, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.users, self.items = ContentBank(users), ContentBank(items)
+
+    def mark_seen(self, users: np.ndarray, items: np.ndarray) -> None:
+        """Record which users and items have training ratings (see ContentBank)."""
+        self.users.mark_seen(users)
+        self.items.mark_seen(items)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self.score(self.users.gather(users), self.items.gather(items))
+
+    def score(self, user: dict[str, torch.Tensor], item: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def score_all(self, user: int) -> torch.Tensor:
+        items = torch.arange(self.items.n, device=self.users.text.device)
+        return self.forward(torch.full_like(items, user), items)
+
+
+class SideTower(nn.Module):
+    """One side of FusionNeuMF: the id embedding plus the content vectors that join it."""
+
+    def __init__(self, bank: ContentBank, config: ModelConfig):
+        super().__init__()
+        v = config.variant
+        self.unknown = bank.n
+        self.id_dropout = config.id_dropout
+        self.ids = nn.Embedding(bank.n + 1, config.embedding_dim)
+        nn.init.normal_(self.ids.weight, std=0.05)
+        media_dim = (0 if v in ("no_text", "id_only") else bank.text.shape[1]) + \
+                    (0 if v in ("no_image", "id_only") else bank.image.shape[1])
+        structured_dim = 0 if v in ("no_structured", "id_only") else bank.structured.shape[1]
+        self.use_text = v not in ("no_text", "id_only") and bank.text.shape[1] > 0
+        self.use_image = v not in ("no_image", "id_only") and bank.image.shape[1] > 0
+        self.media = mlp([media_dim, 64, config.content_dim]) if media_dim else None
+        self.structured = mlp([structured_dim, 32, config.content_dim]) if structured_dim else None
+        self.content_dim = config.content_dim * ((self.media is not None) + (self.structured is not None))
+        self.to_gmf = nn.Linear(self.content_dim, config.embedding_dim) if self.content_dim else None
+        self.out_dim = config.embedding_dim + self.content_dim
+
+    def forward(self, side: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = side["ids"]
+        if self.training and self.id_dropout > 0:
+            ids = torch.where(torch.rand(ids.shape, device=ids.device) < self.id_dropout, self.unknown, ids)
+        p = self.ids(ids)  # [batch, embedding_dim]
+        parts = []
+        if self.media is not None:
+            media = [side["text"]] if self.use_text else []
+            media += [side["image"]] if self.use_image else []
+            parts.append(self.media(torch.cat(media, dim=1)))  # [batch, content_dim]
+        if self.structured is not None:
+            parts.append(self.structured(side["structured"]))
+        if not parts:
+            return p, p
+        content = torch.cat(parts, dim=1)
+        return p + self.to_gmf(content), torch.cat([p, content], dim=1)
+
+
+class FusionNeuMF(Recommender):
+    def __init__(self, users: SideContent, items: SideContent, config: ModelConfig):
+        super().__init__(users, items, config)
+        self.user_tower, self.item_tower = SideTower(self.users, config), SideTower(self.items, config)
+        self.mlp = mlp([self.user_tower.out_dim + self.item_tower.out_dim, *config.mlp])
+        self.out = nn.Linear(config.embedding_dim + config.mlp[-1], 1)
+        nn.init.constant_(self.out.bias, config.global_mean)
+
+    def score(self, user, item):
+        user_gmf, user_mlp = self.user_tower(user)
+        item_gmf, item_mlp = self.item_tower(item)
+        joint = torch.cat([user_gmf * item_gmf, self.mlp(torch.cat([user_mlp, item_mlp], dim=1))], dim=1)
+        return self.out(joint).squeeze(-1)  # [batch]
+
+
+class BiasedMF(Recommender):
+    """mu + b_u + b_i + p_u . q_i; the unknown rows stay zero, so unseen entities get mu + the other bias."""
+
+    def __init__(self, users: SideContent, items: SideContent, config: ModelConfig):
+        super().__init__(users, items, config)
+        d = config.embedding_dim
+        self.p, self.q = nn.Embedding(users.n + 1, d), nn.Embedding(items.n + 1, d)
+        self.b_u, self.b_i = nn.Embedding(users.n + 1, 1), nn.Embedding(items.n + 1, 1)
+        for table in (self.p, self.q):
+            nn.init.normal_(table.weight, std=0.05)
+        for table in (self.b_u, self.b_i):
+            nn.init.zeros_(table.weight)
+        self.mu = nn.Parameter(torch.tensor(float(config.global_mean)))
+
+    def score(self, user, item):
+        u, i = user["ids"], item["ids"]
+        return self.mu + self.b_u(u).squeeze(-1) + self.b_i(i).squeeze(-1) + (self.p(u) * self.q(i)).sum(-1)
+
+
+class ContentDNN(Recommender):
+    """An MLP over both sides' structured features and bag-of-words text."""
+
+    def __init__(self, users: SideContent, items: SideContent, config: ModelConfig):
+        super().__init__(users, items, config)
+        width = sum(b.structured.shape[1] + b.words.shape[1] for b in (self.users, self.items))
+        self.net = mlp([width, *config.mlp])
+        self.out = nn.Linear(config.mlp[-1], 1)
+        nn.init.constant_(self.out.bias, config.global_mean)
+
+    def score(self, user, item):
+        x = torch.cat([user["structured"], user["words"], item["structured"], item["words"]], dim=1)
+        return self.out(self.net(x)).squeeze(-1)
+
+
+def build_model(users: SideContent, items: SideContent, config: ModelConfig) -> Recommender:
+    config.check()
+    if config.model == "fusion":
+        return FusionNeuMF(users, items, config)
+    if config.model == "neumf":
+        return FusionNeuMF(users, items, ModelConfig(**{**config.__dict__, "variant": "id_only", "id_dropout": 0.0}))
+    if config.model == "svd":
+        return BiasedMF(users, items, config)
+    return ContentDNN(users, items, config)

@@ -1,0 +1,300 @@
+"""`fusionrec train`: fit a model with Ray Train, track it in MLflow, optionally register it.
+
+    prepare()            dataset + feature tables -> content matrices, index-coded ratings, split
+    train_loop_per_worker(config)   one DDP worker: Ray Data shard -> epochs -> report + checkpoint
+    train()              TorchTrainer (ScalingConfig, RunConfig, FailureConfig) -> evaluate -> MLflow
+
+Checkpoints are written every epoch; a lost worker restarts the group from the last one
+(`FailureConfig(max_failures=...)`). The checkpoint also keeps the best-on-validation weights,
+which are what gets evaluated and registered.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fusionrec.data.splits import Split, cold_start_split, leave_one_out, random_split
+from fusionrec.data.validate import Dataset, load_dataset
+from fusionrec.evaluate import candidate
+from fusionrec.models.bundle import save_bundle
+from fusionrec.models.content import SideContent, build_side
+from fusionrec.models.nets import ModelConfig, build_model
+
+SPLITS = ("random", "cold-start", "loo")
+OBJECTIVES = ("rating", "implicit")
+
+
+@dataclass
+class TrainConfig:
+    dataset: str
+    features: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    epochs: int = 10
+    batch_size: int = 512
+    lr: float = 3e-3
+    weight_decay: float = 1e-6
+    objective: str = "rating"
+    negatives: int = 4
+    workers: int = 1
+    split: str = "random"
+    seed: int = 0
+    k: int = 5
+    max_failures: int = 2
+
+    def check(self) -> None:
+        self.model.check()
+        if self.split not in SPLITS:
+            raise ValueError(f"unknown split {self.split!r}: choose one of {', '.join(SPLITS)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+        if self.epochs < 1 or self.batch_size < 1 or self.workers < 1 or self.lr <= 0:
+            raise ValueError("--epochs, --batch-size and --workers must be at least 1 and --lr positive")
+
+
+@dataclass
+class Prepared:
+    dataset: Dataset
+    users: SideContent
+    items: SideContent
+    ratings: pd.DataFrame  # user_idx, item_idx, user_id, item_id, rating (RangeIndex = split positions)
+    split: Split
+
+
+def split_ratings(ratings: pd.DataFrame, split: str, seed: int) -> Split:
+    if split == "random":
+        return random_split(len(ratings), seed=seed)
+    if split == "cold-start":
+        return cold_start_split(ratings, seed=seed)
+    time_col = "timestamp" if "timestamp" in ratings else None
+    return leave_one_out(ratings, time_col=time_col, seed=seed)
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    dataset = load_dataset(Path(cfg.dataset), check_images=False)
+    features = Path(cfg.features) if cfg.features else None
+    users = build_side(dataset.users, dataset.spec.users, "users", features)
+    items = build_side(dataset.items, dataset.spec.items, "items", features)
+    uid, iid = dataset.user_id, dataset.item_id
+    ratings = pd.DataFrame({
+        "user_idx": dataset.ratings[uid].map(users.index()).to_numpy(np.int64),
+        "item_idx": dataset.ratings[iid].map(items.index()).to_numpy(np.int64),
+        "user_id": dataset.ratings[uid].to_numpy(), "item_id": dataset.ratings[iid].to_numpy(),
+        "rating": dataset.ratings["rating"].to_numpy(np.float32),
+    })
+    if "timestamp" in dataset.ratings:
+        ratings["timestamp"] = dataset.ratings["timestamp"].to_numpy()
+    return Prepared(dataset, users, items, ratings, split_ratings(ratings, cfg.split, cfg.seed))
+
+
+def _loss(model, users, items, ratings, objective: str, negatives: int, n_items: int) -> torch.Tensor:
+    if objective == "rating":
+        return torch.nn.functional.mse_loss(model(users, items), ratings)
+    # implicit: every observed pair is a positive; `negatives` random items per positive are negatives
+    neg_users = users.repeat_interleave(negatives)
+    neg_items = torch.randint(0, n_items, neg_users.shape)
+    scores = model(torch.cat([users, neg_users]), torch.cat([items, neg_items]))
+    labels = torch.cat([torch.ones_like(users, dtype=torch.float32), torch.zeros_like(neg_users, dtype=torch.float32)])
+    return torch.nn.functional.binary_cross_entropy_with_logits(scores, labels)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker. `config` is the whole training configuration as one dict."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    torch.set_num_threads(config["threads"])
+    torch.manual_seed(config["seed"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    users, items, validation, seen = ray.get(config["data"])
+    model = build_model(users, items, ModelConfig(**config["model"]))
+    model.mark_seen(*seen)
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
+    core = model.module if hasattr(model, "module") else model
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    start_epoch, best = 0, {"val_loss": float("inf"), "state": None}
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # resuming after a failure: continue from the last finished epoch
+        with checkpoint.as_directory() as folder:
+            saved = torch.load(Path(folder) / "state.pt", weights_only=False)
+        core.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        start_epoch, best = saved["epoch"] + 1, saved["best"]
+
+    shard = ray.train.get_dataset_shard("train")
+    val_u, val_i, val_r = (torch.as_tensor(validation[c]) for c in ("user_idx", "item_idx", "rating"))
+    for epoch in range(start_epoch, config["epochs"]):
+        crash = config.get("crash_at_epoch")
+        if crash is not None and epoch == crash and rank == 0 and not Path(config["crash_marker"]).exists():
+            Path(config["crash_marker"]).touch()
+            os.kill(os.getpid(), signal.SIGKILL)  # a real lost worker, for the fault-tolerance test
+        model.train()
+        total, count, started = 0.0, 0, time.perf_counter()
+        for batch in shard.iter_torch_batches(batch_size=config["batch_size"], local_shuffle_buffer_size=4096,
+                                              local_shuffle_seed=config["seed"] + epoch):
+            loss = _loss(model, batch["user_idx"], batch["item_idx"], batch["rating"], config["objective"],
+                         config["negatives"], items.n)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += float(loss) * len(batch["user_idx"])
+            count += len(batch["user_idx"])
+        core.eval()
+        with torch.no_grad():
+            val_loss = float(_loss(core, val_u, val_i, val_r, config["objective"], config["negatives"], items.n))
+            val_mse = float(torch.nn.functional.mse_loss(core(val_u, val_i), val_r)) \
+                if config["objective"] == "rating" else val_loss
+        if val_loss < best["val_loss"]:
+            best = {"val_loss": val_loss, "val_mse": val_mse, "epoch": epoch,
+                    "state": {k: v.detach().clone() for k, v in core.state_dict().items()}}
+        metrics = {"epoch": epoch, "train_loss": total / max(count, 1), "val_loss": val_loss, "val_mse": val_mse,
+                   "samples_per_s": count / (time.perf_counter() - started)}
+        with tempfile.TemporaryDirectory() as folder:
+            saved_checkpoint = None
+            if rank == 0:
+                torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                            "best": best}, Path(folder) / "state.pt")
+                saved_checkpoint = ray.train.Checkpoint.from_directory(folder)
+                _log_epoch(config.get("mlflow"), metrics)
+            ray.train.report(metrics, checkpoint=saved_checkpoint)
+
+
+def _log_epoch(mlflow_target: dict | None, metrics: dict) -> None:
+    if not mlflow_target:
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_target["uri"])
+    for name in ("train_loss", "val_loss", "samples_per_s"):
+        client.log_metric(mlflow_target["run_id"], name, metrics[name], step=metrics["epoch"])
+
+
+@dataclass
+class TrainResult:
+    metrics: dict
+    run_id: str | None
+    bundle: Path
+    best_epoch: int
+    val_mse: float
+    version: str | None = None
+    promoted: bool = False
+
+
+def fit(cfg: TrainConfig, prepared: Prepared, storage: Path, mlflow_target: dict | None = None,
+        crash_at_epoch: int | None = None) -> tuple[object, dict]:
+    """Run the TorchTrainer; returns (best model in eval mode, the final checkpoint's saved dict)."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from fusionrec.ray_runtime import cluster_cpus, ensure_ray
+
+    ensure_ray()
+    ratings, split = prepared.ratings, prepared.split
+    train = ratings.iloc[split.train][["user_idx", "item_idx", "rating"]].reset_index(drop=True)
+    validation_rows = ratings.iloc[split.validation if len(split.validation) else split.test]
+    validation = {c: validation_rows[c].to_numpy() for c in ("user_idx", "item_idx", "rating")}
+    seen = (train["user_idx"].to_numpy(), train["item_idx"].to_numpy())
+    model_config = ModelConfig(**{**asdict(cfg.model), "global_mean": float(train["rating"].mean())
+                                  if cfg.objective == "rating" else 0.0})
+    cpus_per_worker = max(1, cluster_cpus() // cfg.workers)
+    config = {
+        "data": ray.put((prepared.users, prepared.items, validation, seen)),
+        "model": asdict(model_config), "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay, "objective": cfg.objective, "negatives": cfg.negatives,
+        "seed": cfg.seed, "threads": cpus_per_worker, "mlflow": mlflow_target,
+        "crash_at_epoch": crash_at_epoch, "crash_marker": str(storage / "crashed-once"),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=torch.cuda.is_available(),
+                                               resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=f"train-{int(time.time() * 1000)}",
+            storage_path=str(storage.resolve()),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        ),
+        datasets={"train": ray.data.from_pandas(train)},
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"training failed: {result.error}")
+    with result.checkpoint.as_directory() as folder:
+        saved = torch.load(Path(folder) / "state.pt", weights_only=False)
+    model = build_model(prepared.users, prepared.items, model_config)
+    model.load_state_dict(saved["best"]["state"])  # includes the `seen` masks
+    return model.eval(), saved
+
+
+def loss_curve_png(history: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in history.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig, register: bool = False, crash_at_epoch: int | None = None) -> TrainResult:
+    """The whole `fusionrec train`: fit on Ray, evaluate on the test split, log to MLflow, register."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from fusionrec import registry
+
+    cfg.check()
+    prepared = prepare(cfg)
+    registry.setup()
+    storage = registry.state_folder() / "ray_results"
+    storage.mkdir(parents=True, exist_ok=True)
+    with mlflow.start_run() as run:
+        mlflow.log_params({"dataset": prepared.dataset.spec.name, "dataset_path": cfg.dataset,
+                           "features": cfg.features, **{f"model.{k}": v for k, v in asdict(cfg.model).items()},
+                           **{k: v for k, v in asdict(cfg).items() if k not in ("model", "dataset", "features")}})
+        target = {"uri": registry.tracking_uri(), "run_id": run.info.run_id}
+        model, saved = fit(cfg, prepared, storage, target, crash_at_epoch)
+        best = saved["best"]
+        spec = prepared.dataset.spec
+        scale = (spec.rating_min, spec.rating_max)
+        test = prepared.ratings.iloc[prepared.split.test]
+        metrics = candidate(model, test, scale, cfg.k, spec.relevance_threshold, cfg.objective)
+        mlflow.log_metrics({"val_mse": best["val_mse"], "best_epoch": best["epoch"],
+                            **{f"test_{k.replace('@', '_at_')}": v for k, v in metrics.items() if v is not None}})
+        history = {name: [(m.step, m.value) for m in MlflowClient().get_metric_history(run.info.run_id, name)]
+                   for name in ("train_loss", "val_loss")}
+        with tempfile.TemporaryDirectory() as folder:
+            loss_curve_png(history, Path(folder) / "loss_curve.png")
+            mlflow.log_artifact(str(Path(folder) / "loss_curve.png"))
+            bundle = Path(folder) / "bundle"
+            save_bundle(bundle, model, prepared.users, prepared.items, {
+                "dataset": spec.name, "rating_scale": list(scale), "relevance_threshold": spec.relevance_threshold,
+                "objective": cfg.objective, "split": cfg.split, "seed": cfg.seed, "run_id": run.info.run_id,
+                "test_metrics": metrics,
+            })
+            model_uri = registry.log_bundle(bundle)
+        result = TrainResult(metrics, run.info.run_id, bundle, best["epoch"], best["val_mse"])
+        if register:
+            result.version, result.promoted = registry.register(model_uri, best["val_mse"])
+    return result
+

@@ -1,0 +1,119 @@
+"""Models behind one interface, on small random content (no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fusionrec.data.schema import TableSpec
+from fusionrec.evaluate import full_ranking
+from fusionrec.models.bundle import load_bundle, save_bundle
+from fusionrec.models.content import StructuredEncoder, bag_of_words, build_side
+from fusionrec.models.nets import MODELS, VARIANTS, ModelConfig, build_model
+
+
+def sides(n_users=6, n_items=5):
+    rng = np.random.default_rng(0)
+    users = pd.DataFrame({"user_id": [f"u{k}" for k in range(n_users)], "bio": ["likes silk"] * n_users,
+                          "region": rng.choice(["n", "s"], n_users), "age": rng.integers(18, 70, n_users)})
+    items = pd.DataFrame({"item_id": [f"i{k}" for k in range(n_items)], "text": ["a silk dress"] * n_items,
+                          "brand": rng.choice(["x", "y", "z"], n_items)})
+    u = build_side(users, TableSpec("user_id", text="bio", categorical=("region",), numeric=("age",)), "users", None)
+    i = build_side(items, TableSpec("item_id", text="text", categorical=("brand",)), "items", None)
+    # pretend encoders ran: 8-d text and image embeddings (plus the zero unknown row)
+    for side in (u, i):
+        side.text = np.vstack([rng.normal(size=(side.n, 8)), np.zeros((1, 8))]).astype(np.float32)
+        side.image = np.vstack([rng.normal(size=(side.n, 8)), np.zeros((1, 8))]).astype(np.float32)
+    return u, i
+
+
+def test_structured_encoder_one_hot_and_z_scores():
+    table = pd.DataFrame({"colour": ["red", "blue", None], "age": [20.0, 40.0, None]})
+    encoder = StructuredEncoder.fit(table, TableSpec("id", categorical=("colour",), numeric=("age",)))
+    out = encoder.transform(table)
+    assert encoder.categorical == {"colour": ["blue", "red"]} and out.shape == (3, 3)
+    assert out[:, :2].tolist() == [[0, 1], [1, 0], [0, 0]]  # unseen/missing level -> all zeros
+    assert np.allclose(out[:, 2], [-1 / np.sqrt(2), 1 / np.sqrt(2), 0.0])  # (x - 30) / std, missing -> 0
+    assert StructuredEncoder.from_dict(encoder.to_dict()).transform(table).tolist() == out.tolist()
+
+
+def test_bag_of_words_is_stable_and_normalised():
+    out = bag_of_words(["Silk silk dress", None, "dress"])
+    assert np.allclose(np.linalg.norm(out[0]), 1) and not out[1].any()
+    assert np.array_equal(out, bag_of_words(["Silk silk dress", None, "dress"]))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_model_scores_pairs_and_all_items(name):
+    users, items = sides()
+    model = build_model(users, items, ModelConfig(model=name, global_mean=3.5))
+    scores = model(torch.tensor([0, 1, 6]), torch.tensor([0, 4, 5]))  # 6 and 5: the unknown rows
+    assert scores.shape == (3,) and torch.isfinite(scores).all()
+    assert model.score_all(2).shape == (5,)
+    loss = torch.nn.functional.mse_loss(scores, torch.tensor([4.0, 2.0, 3.0]))
+    loss.backward()  # trainable end to end
+
+
+@pytest.mark.parametrize("variant, ignored", [("no_text", "text"), ("no_image", "image"),
+                                              ("no_structured", "structured"), ("id_only", "text")])
+def test_variants_ignore_their_modality(variant, ignored):
+    users, items = sides()
+    model = build_model(users, items, ModelConfig(variant=variant)).eval()
+    before = model(torch.arange(5), torch.arange(5))
+    model.users.__getattr__(ignored).mul_(-3.0)
+    assert torch.allclose(before, model(torch.arange(5), torch.arange(5)))
+
+
+def test_full_model_uses_every_modality():
+    users, items = sides()
+    model = build_model(users, items, ModelConfig()).eval()
+    for name in ("text", "image", "structured"):
+        before = model(torch.arange(5), torch.arange(5))
+        getattr(model.users, name).mul_(-3.0)
+        assert not torch.allclose(before, model(torch.arange(5), torch.arange(5))), name
+    assert set(VARIANTS) == {"full", "no_image", "no_text", "no_structured", "id_only"}
+
+
+def test_unseen_users_get_the_unknown_id_but_keep_their_content():
+    users, items = sides()
+    model = build_model(users, items, ModelConfig(id_dropout=0.0)).eval()
+    model.mark_seen(np.array([0, 1, 2]), np.arange(5))
+    batch = model.users.gather(torch.tensor([0, 4, 6]))
+    assert batch["ids"].tolist() == [0, 6, 6]  # user 4 had no training rating
+    assert torch.equal(batch["text"][1], model.users.text[4])
+    # two unseen users with different content score differently (content, not a shared random id)
+    assert not torch.allclose(model(torch.tensor([4]), torch.tensor([0])), model(torch.tensor([5]), torch.tensor([0])))
+
+
+def test_bundle_round_trip(tmp_path):
+    users, items = sides()
+    model = build_model(users, items, ModelConfig(model="fusion", variant="no_image")).eval()
+    model.mark_seen(np.array([1, 2]), np.array([0, 3]))
+    save_bundle(tmp_path / "b", model, users, items, {"objective": "rating"})
+    loaded, meta = load_bundle(tmp_path / "b")
+    pairs = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 3, 4])
+    assert torch.allclose(model(*pairs), loaded(*pairs)) and meta["users"]["ids"][0] == "u0"
+
+
+class FixedScores(torch.nn.Module):
+    """A stand-in model with a fixed user x item score table, to check the ranking arithmetic."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = torch.tensor(table, dtype=torch.float32)
+
+    def score_all(self, user):
+        return self.table[user]
+
+
+def test_full_ranking_by_hand():
+    # user 0 rated item 0 in training; test items {1, 3}; scores rank 0 (excluded), 3, 2, 1, 4.
+    model = FixedScores([[9.0, 2.0, 3.0, 4.0, 1.0]])
+    train = pd.DataFrame({"user_idx": [0], "item_idx": [0]})
+    test = pd.DataFrame({"user_idx": [0, 0], "item_idx": [1, 3]})
+    out = full_ranking(model, train, test, k=2)  # top 2 = [3, 2]: one hit at position 1
+    assert out["hr@2"] == 1.0 and out["precision@2"] == 0.5 and out["recall@2"] == 0.5
+    assert out["ndcg@2"] == pytest.approx(1.0 / (1.0 + 1.0 / np.log2(3)))
+    assert out["map@2"] == pytest.approx((1.0 / 1) / 2)
