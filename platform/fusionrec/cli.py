@@ -218,9 +218,9 @@ def train(
     model: Annotated[str, typer.Option(help="fusion, neumf, svd or dnn (see `fusionrec models list`).")] = "fusion",
     variant: Annotated[str, typer.Option(help="full, no_image, no_text, no_structured or id_only.")] = "full",
     mlp: Annotated[str, typer.Option(help="MLP widths, comma-separated.")] = "128,64",
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Ratings per batch (per worker).")] = 512,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 3e-3,
+    epochs: Annotated[int, typer.Option(help="Training epochs (the best on validation is kept).")] = 15,
+    batch_size: Annotated[int, typer.Option(help="Ratings per batch (per worker).")] = 256,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 5e-3,
     objective: Annotated[str, typer.Option(help="rating (MSE on stars) or implicit (BCE, sampled negatives).")]
     = "rating",
     workers: Annotated[int, typer.Option(help="Ray Train workers (DDP).")] = 1,

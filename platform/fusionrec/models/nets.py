@@ -4,9 +4,10 @@ row indices (index n = the unknown user/item) and `score_all(user)` ranks every 
     FusionNeuMF (the paper's model), per side:
         p   = id embedding (shared by both branches; randomly swapped for the unknown row in
               training with probability id_dropout, so unseen users/items score from content)
+        b   = id bias
         m   = fusion MLP(text CLS ++ image CLS)          structured s = MLP(one-hots ++ numbers)
         GMF vector  g = p + W [m ++ s]                    MLP vector  h = [p ++ m ++ s]
-    rating = w . [g_u * g_i  ++  MLP_128->64(h_u ++ h_i)] + b
+    rating = w . [g_u * g_i  ++  MLP_128->64(h_u ++ h_i)] + b_u + b_i + c
 
     svd  : mu + b_u + b_i + p_u . q_i (biased matrix factorisation)
     neumf: FusionNeuMF with IDs only (variant id_only, no ID dropout)
@@ -39,6 +40,7 @@ class ModelConfig:
     mlp: list[int] = field(default_factory=lambda: [128, 64])
     embedding_dim: int = 32
     content_dim: int = 32
+    content_hidden: list[int] = field(default_factory=list)  # fusion-MLP hidden widths; [] = linear
     id_dropout: float = 0.2
     global_mean: float = 0.0
 
@@ -120,23 +122,30 @@ class SideTower(nn.Module):
         self.unknown = bank.n
         self.id_dropout = config.id_dropout
         self.ids = nn.Embedding(bank.n + 1, config.embedding_dim)
-        nn.init.normal_(self.ids.weight, std=0.05)
+        self.bias = nn.Embedding(bank.n + 1, 1)
+        nn.init.normal_(self.ids.weight, std=0.01)
+        nn.init.zeros_(self.bias.weight)
         media_dim = (0 if v in ("no_text", "id_only") else bank.text.shape[1]) + \
                     (0 if v in ("no_image", "id_only") else bank.image.shape[1])
         structured_dim = 0 if v in ("no_structured", "id_only") else bank.structured.shape[1]
         self.use_text = v not in ("no_text", "id_only") and bank.text.shape[1] > 0
         self.use_image = v not in ("no_image", "id_only") and bank.image.shape[1] > 0
-        self.media = mlp([media_dim, 64, config.content_dim]) if media_dim else None
-        self.structured = mlp([structured_dim, 32, config.content_dim]) if structured_dim else None
+        # Linear by default: on the synthetic shop a hidden layer learned the user x item content
+        # matches more slowly than a plain projection (validation MSE 0.95 vs 0.88, same budget).
+        widths = [*config.content_hidden, config.content_dim]
+        self.media = mlp([media_dim, *widths], final_activation=False) if media_dim else None
+        self.structured = mlp([structured_dim, *widths], final_activation=False) if structured_dim else None
         self.content_dim = config.content_dim * ((self.media is not None) + (self.structured is not None))
         self.to_gmf = nn.Linear(self.content_dim, config.embedding_dim) if self.content_dim else None
         self.out_dim = config.embedding_dim + self.content_dim
 
-    def forward(self, side: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, side: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(GMF vector, MLP vector, bias) for a batch of one side."""
         ids = side["ids"]
         if self.training and self.id_dropout > 0:
             ids = torch.where(torch.rand(ids.shape, device=ids.device) < self.id_dropout, self.unknown, ids)
         p = self.ids(ids)  # [batch, embedding_dim]
+        bias = self.bias(ids).squeeze(-1)  # [batch]
         parts = []
         if self.media is not None:
             media = [side["text"]] if self.use_text else []
@@ -145,9 +154,9 @@ class SideTower(nn.Module):
         if self.structured is not None:
             parts.append(self.structured(side["structured"]))
         if not parts:
-            return p, p
+            return p, p, bias
         content = torch.cat(parts, dim=1)
-        return p + self.to_gmf(content), torch.cat([p, content], dim=1)
+        return p + self.to_gmf(content), torch.cat([p, content], dim=1), bias
 
 
 class FusionNeuMF(Recommender):
@@ -159,10 +168,10 @@ class FusionNeuMF(Recommender):
         nn.init.constant_(self.out.bias, config.global_mean)
 
     def score(self, user, item):
-        user_gmf, user_mlp = self.user_tower(user)
-        item_gmf, item_mlp = self.item_tower(item)
+        user_gmf, user_mlp, user_bias = self.user_tower(user)
+        item_gmf, item_mlp, item_bias = self.item_tower(item)
         joint = torch.cat([user_gmf * item_gmf, self.mlp(torch.cat([user_mlp, item_mlp], dim=1))], dim=1)
-        return self.out(joint).squeeze(-1)  # [batch]
+        return self.out(joint).squeeze(-1) + user_bias + item_bias  # [batch]
 
 
 class BiasedMF(Recommender):
