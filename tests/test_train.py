@@ -67,6 +67,13 @@ def test_train_logs_to_mlflow_registers_and_evaluates(home, tiny_shop, features)
     result = runner.invoke(app, ["evaluate", str(tiny_shop), "--protocol", "full", "--k", "10"])
     assert result.exit_code == 0 and "recall@10" in result.stdout
 
+    # The registered model also loads as a plain MLflow pyfunc; unknown ids score as cold-start.
+    import mlflow.pyfunc
+
+    pyfunc = mlflow.pyfunc.load_model("models:/fusionrec@champion")
+    scores = pyfunc.predict(pd.DataFrame({"user_id": ["u00001", "nobody"], "item_id": ["i00001", "i00002"]}))
+    assert scores.shape == (2,) and ((scores >= 1) & (scores <= 5)).all()
+
 
 def test_lost_worker_resumes_from_checkpoint(home, tiny_shop, tmp_path):
     config = TrainConfig(dataset=str(tiny_shop), epochs=3, batch_size=64, model=ModelConfig(model="svd"))
@@ -76,6 +83,14 @@ def test_lost_worker_resumes_from_checkpoint(home, tiny_shop, tmp_path):
     assert (tmp_path / "crashed" / "crashed-once").exists()  # the worker really died once
     assert clean["epoch"] == resumed["epoch"] == 2
     assert resumed["best"]["val_mse"] == pytest.approx(clean["best"]["val_mse"], rel=0.1)
+
+
+def test_cli_train_prints_metrics_and_the_bayes_floor(home, tiny_shop):
+    result = runner.invoke(app, ["train", str(tiny_shop), "--model", "svd", "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(metrics) == {"mse", "rmse", "precision@5", "ndcg@5", "users"}
+    assert "vs the Bayes floor" in result.stderr
 
 
 def test_cli_train_rejects_bad_options(home, tiny_shop):

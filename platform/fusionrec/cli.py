@@ -259,31 +259,8 @@ def evaluate(
     k: Annotated[int, typer.Option(help="Cut-off K.", min=1)] = 5,
 ) -> None:
     """Evaluate a registered model on its test split; one JSON object."""
-    from fusionrec import evaluate as protocols
-    from fusionrec.models.bundle import load_bundle
+    from fusionrec.evaluate import evaluate_bundle
     from fusionrec.registry import download
-    from fusionrec.train import split_ratings
 
-    if protocol not in protocols.PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}: choose one of {', '.join(protocols.PROTOCOLS)}")
-    model, meta = load_bundle(download(model_uri))
-    from fusionrec.data.validate import load_dataset
-
-    data = load_dataset(dataset, check_images=False)
-    users = {u: i for i, u in enumerate(meta["users"]["ids"])}
-    items = {u: i for i, u in enumerate(meta["items"]["ids"])}
-    ratings = data.ratings.rename(columns={data.user_id: "user_id", data.item_id: "item_id"})
-    ratings = ratings.assign(user_idx=ratings["user_id"].map(users).fillna(len(users)).astype(int),
-                             item_idx=ratings["item_id"].map(items).fillna(len(items)).astype(int))
-    split = split_ratings(ratings, meta["split"], meta["seed"])
-    test, train_rows = ratings.iloc[split.test], ratings.iloc[split.train]
-    if protocol == "candidate":
-        result = protocols.candidate(model, test, tuple(meta["rating_scale"]), k, meta["relevance_threshold"],
-                                     meta["objective"])
-    elif protocol == "full":
-        result = protocols.full_ranking(model, train_rows, test, k)
-    else:
-        if meta["split"] != "loo":
-            raise ValueError("the ncf protocol needs a model trained with --split loo")
-        result = protocols.ncf(model, ratings, test, len(items), k=k, seed=meta["seed"])
+    result = evaluate_bundle(dataset, download(model_uri), protocol, k)
     typer.echo(json.dumps({"protocol": protocol, **result}))

@@ -8,12 +8,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
 
-from fusionrec.data.splits import sample_negatives
+from fusionrec.data.splits import sample_negatives, split_by_name
+from fusionrec.data.validate import load_dataset
 from fusionrec.metrics import candidate_metrics
+from fusionrec.models.bundle import load_bundle
 from fusionrec.models.nets import Recommender
 
 PROTOCOLS = ("candidate", "full", "ncf")
@@ -80,3 +84,25 @@ def ncf(model: Recommender, ratings: pd.DataFrame, test: pd.DataFrame, n_items: 
         hr.append(float(rank < k))
         ndcg.append(1.0 / np.log2(rank + 2) if rank < k else 0.0)
     return {f"hr@{k}": float(np.mean(hr)), f"ndcg@{k}": float(np.mean(ndcg)), "users": len(test)}
+
+
+def evaluate_bundle(dataset_path: Path, bundle: Path, protocol: str = "candidate", k: int = 5) -> dict:
+    """Re-create a trained model's split on its dataset and score the test part under `protocol`."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+    model, meta = load_bundle(bundle)
+    data = load_dataset(dataset_path, check_images=False)
+    users = {u: i for i, u in enumerate(meta["users"]["ids"])}
+    items = {u: i for i, u in enumerate(meta["items"]["ids"])}
+    ratings = data.ratings.rename(columns={data.user_id: "user_id", data.item_id: "item_id"})
+    ratings = ratings.assign(user_idx=ratings["user_id"].map(users).fillna(len(users)).astype(int),
+                             item_idx=ratings["item_id"].map(items).fillna(len(items)).astype(int))
+    split = split_by_name(ratings, meta["split"], meta["seed"])
+    test = ratings.iloc[split.test]
+    if protocol == "candidate":
+        return candidate(model, test, tuple(meta["rating_scale"]), k, meta["relevance_threshold"], meta["objective"])
+    if protocol == "full":
+        return full_ranking(model, ratings.iloc[split.train], test, k)
+    if meta["split"] != "loo":
+        raise ValueError("the ncf protocol needs a model trained with --split loo")
+    return ncf(model, ratings, test, len(items), k=k, seed=meta["seed"])

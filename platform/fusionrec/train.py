@@ -22,14 +22,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fusionrec.data.splits import Split, cold_start_split, leave_one_out, random_split
+from fusionrec.data.splits import SPLITS, Split, split_by_name
 from fusionrec.data.validate import Dataset, load_dataset
 from fusionrec.evaluate import candidate
 from fusionrec.models.bundle import save_bundle
 from fusionrec.models.content import SideContent, build_side
 from fusionrec.models.nets import ModelConfig, build_model
 
-SPLITS = ("random", "cold-start", "loo")
+READ_BATCH = 4096  # rows fetched from Ray Data at a time
 OBJECTIVES = ("rating", "implicit")
 
 
@@ -69,15 +69,6 @@ class Prepared:
     split: Split
 
 
-def split_ratings(ratings: pd.DataFrame, split: str, seed: int) -> Split:
-    if split == "random":
-        return random_split(len(ratings), seed=seed)
-    if split == "cold-start":
-        return cold_start_split(ratings, seed=seed)
-    time_col = "timestamp" if "timestamp" in ratings else None
-    return leave_one_out(ratings, time_col=time_col, seed=seed)
-
-
 def prepare(cfg: TrainConfig) -> Prepared:
     dataset = load_dataset(Path(cfg.dataset), check_images=False)
     features = Path(cfg.features) if cfg.features else None
@@ -92,7 +83,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     })
     if "timestamp" in dataset.ratings:
         ratings["timestamp"] = dataset.ratings["timestamp"].to_numpy()
-    return Prepared(dataset, users, items, ratings, split_ratings(ratings, cfg.split, cfg.seed))
+    return Prepared(dataset, users, items, ratings, split_by_name(ratings, cfg.split, cfg.seed))
 
 
 def _loss(model, users, items, ratings, objective: str, negatives: int, n_items: int) -> torch.Tensor:
@@ -148,15 +139,20 @@ def train_loop_per_worker(config: dict) -> None:
             os.kill(os.getpid(), signal.SIGKILL)  # a real lost worker, for the fault-tolerance test
         model.train()
         total, count, started = 0.0, 0, time.perf_counter()
-        for batch in shard.iter_torch_batches(batch_size=config["batch_size"], local_shuffle_buffer_size=4096,
+        # Ray Data hands over large shuffled blocks; cutting them into minibatches here keeps its
+        # per-batch overhead off every optimiser step.
+        for block in shard.iter_torch_batches(batch_size=max(config["batch_size"], READ_BATCH),
+                                              local_shuffle_buffer_size=4 * READ_BATCH,
                                               local_shuffle_seed=config["seed"] + epoch):
-            loss = _loss(model, batch["user_idx"], batch["item_idx"], batch["rating"], config["objective"],
-                         config["negatives"], items.n)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += float(loss) * len(batch["user_idx"])
-            count += len(batch["user_idx"])
+            for start in range(0, len(block["user_idx"]), config["batch_size"]):
+                users_b, items_b, ratings_b = (block[c][start:start + config["batch_size"]]
+                                               for c in ("user_idx", "item_idx", "rating"))
+                loss = _loss(model, users_b, items_b, ratings_b, config["objective"], config["negatives"], items.n)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total += float(loss) * len(users_b)
+                count += len(users_b)
         core.eval()
         with torch.no_grad():
             val_loss = float(_loss(core, val_u, val_i, val_r, config["objective"], config["negatives"], items.n))
@@ -200,7 +196,8 @@ class TrainResult:
 
 def fit(cfg: TrainConfig, prepared: Prepared, storage: Path, mlflow_target: dict | None = None,
         crash_at_epoch: int | None = None) -> tuple[object, dict]:
-    """Run the TorchTrainer; returns (best model in eval mode, the final checkpoint's saved dict)."""
+    """Run the TorchTrainer; returns (best model in eval mode, the final checkpoint's saved dict,
+    which also carries the last epoch's reported `metrics`)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -241,6 +238,7 @@ def fit(cfg: TrainConfig, prepared: Prepared, storage: Path, mlflow_target: dict
         raise RuntimeError(f"training failed: {result.error}")
     with result.checkpoint.as_directory() as folder:
         saved = torch.load(Path(folder) / "state.pt", weights_only=False)
+    saved["metrics"] = result.metrics
     model = build_model(prepared.users, prepared.items, model_config)
     model.load_state_dict(saved["best"]["state"])  # includes the `seen` masks
     return model.eval(), saved

@@ -114,3 +114,17 @@ def sample_negatives(
             raise ValueError(f"user {user!r} has only {len(candidates)} unrated items, fewer than {n}")
         negatives[user] = rng.choice(candidates, size=n, replace=False)
     return negatives
+
+
+SPLITS = ("random", "cold-start", "loo")
+
+
+def split_by_name(ratings: pd.DataFrame, name: str, seed: int = 0) -> Split:
+    """The split a training run names: `random`, `cold-start` or `loo` (ratings need user_id, item_id)."""
+    if name == "random":
+        return random_split(len(ratings), seed=seed)
+    if name == "cold-start":
+        return cold_start_split(ratings, seed=seed)
+    if name == "loo":
+        return leave_one_out(ratings, time_col="timestamp" if "timestamp" in ratings else None, seed=seed)
+    raise ValueError(f"unknown split {name!r}: choose one of {', '.join(SPLITS)}")
