@@ -117,3 +117,18 @@ def test_full_ranking_by_hand():
     assert out["hr@2"] == 1.0 and out["precision@2"] == 0.5 and out["recall@2"] == 0.5
     assert out["ndcg@2"] == pytest.approx(1.0 / (1.0 + 1.0 / np.log2(3)))
     assert out["map@2"] == pytest.approx((1.0 / 1) / 2)
+
+
+def test_cnn_reads_raw_pixels(tiny_shop):
+    from fusionrec.data.validate import load_dataset
+
+    data = load_dataset(tiny_shop)
+    users = build_side(data.users, data.spec.users, "users", None, tiny_shop)
+    items = build_side(data.items, data.spec.items, "items", None, tiny_shop)
+    assert items.pixels.shape == (41, 3 * 32 * 32) and items.pixels[:-1].max() > 0.5
+    no_picture = data.users["image"].isna().to_numpy()
+    assert not users.pixels[:-1][no_picture].any()  # missing picture -> zeros
+    model = build_model(users, items, ModelConfig(model="cnn")).eval()
+    before = model(torch.arange(5), torch.arange(5))
+    model.items.pixels.mul_(0.0)
+    assert not torch.allclose(before, model(torch.arange(5), torch.arange(5)))

@@ -215,7 +215,8 @@ def _widths(value: str) -> list[int]:
 def train(
     dataset: Annotated[Path, typer.Argument(help="Dataset folder.")],
     features: Annotated[Path | None, typer.Option(help="Feature tables from `fusionrec encode`.")] = None,
-    model: Annotated[str, typer.Option(help="fusion, neumf, svd or dnn (see `fusionrec models list`).")] = "fusion",
+    model: Annotated[str, typer.Option(help="fusion, neumf, svd, dnn or cnn (see `fusionrec models list`).")]
+    = "fusion",
     variant: Annotated[str, typer.Option(help="full, no_image, no_text, no_structured or id_only.")] = "full",
     mlp: Annotated[str, typer.Option(help="MLP widths, comma-separated.")] = "128,64",
     epochs: Annotated[int, typer.Option(help="Training epochs (the best on validation is kept).")] = 15,

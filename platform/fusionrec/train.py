@@ -72,8 +72,9 @@ class Prepared:
 def prepare(cfg: TrainConfig) -> Prepared:
     dataset = load_dataset(Path(cfg.dataset), check_images=False)
     features = Path(cfg.features) if cfg.features else None
-    users = build_side(dataset.users, dataset.spec.users, "users", features)
-    items = build_side(dataset.items, dataset.spec.items, "items", features)
+    pixels_root = dataset.root if cfg.model.model == "cnn" else None  # only the CNN reads raw pixels
+    users = build_side(dataset.users, dataset.spec.users, "users", features, pixels_root)
+    items = build_side(dataset.items, dataset.spec.items, "items", features, pixels_root)
     uid, iid = dataset.user_id, dataset.item_id
     ratings = pd.DataFrame({
         "user_idx": dataset.ratings[uid].map(users.index()).to_numpy(np.int64),

@@ -18,6 +18,7 @@ import pandas as pd
 from fusionrec.data.schema import TableSpec
 
 BAG_OF_WORDS_DIM = 512
+PIXELS = 32  # side of the raw images the CNN baseline reads
 WORD = re.compile(r"[a-z0-9']+")
 
 
@@ -88,6 +89,7 @@ class SideContent:
     structured: np.ndarray  # [n + 1, structured_dim]
     words: np.ndarray  # [n + 1, BAG_OF_WORDS_DIM]
     encoder: StructuredEncoder
+    pixels: np.ndarray | None = None  # [n + 1, 3 * PIXELS * PIXELS] in [0, 1], only for the CNN baseline
 
     @property
     def n(self) -> int:
@@ -97,7 +99,9 @@ class SideContent:
         return {str(i): k for k, i in enumerate(self.ids)}
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"text": self.text, "image": self.image, "structured": self.structured, "words": self.words}
+        pixels = self.pixels if self.pixels is not None else np.zeros((self.n + 1, 0), np.float32)
+        return {"text": self.text, "image": self.image, "structured": self.structured, "words": self.words,
+                "pixels": pixels}
 
 
 def _with_unknown_row(matrix: np.ndarray) -> np.ndarray:
@@ -120,7 +124,25 @@ def _embeddings(features: Path | None, side: str, kind: str, ids: np.ndarray) ->
     return matrix[[position[i] for i in ids]]
 
 
-def build_side(table: pd.DataFrame, spec: TableSpec, side: str, features: Path | None) -> SideContent:
+def raw_pixels(root: Path, paths) -> np.ndarray:
+    """Images downscaled to PIXELS x PIXELS, flattened, in [0, 1]; missing or unusable -> zeros."""
+    from fusionrec.data.images import ImageProblem, open_image, resolve_image_path
+
+    out = np.zeros((len(paths), 3 * PIXELS * PIXELS), np.float32)
+    for row, value in enumerate(paths):
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            continue
+        try:
+            image = open_image(resolve_image_path(root, str(value))).resize((PIXELS, PIXELS))
+        except ImageProblem:
+            continue
+        out[row] = (np.asarray(image, np.float32) / 255.0).transpose(2, 0, 1).reshape(-1)
+    return out
+
+
+def build_side(table: pd.DataFrame, spec: TableSpec, side: str, features: Path | None,
+               images_root: Path | None = None) -> SideContent:
+    """`images_root` given: also load raw pixels (for the CNN baseline)."""
     ids = table[spec.id].astype(str).to_numpy()
     encoder = StructuredEncoder.fit(table, spec)
     texts = table[spec.text].tolist() if spec.text else [None] * len(table)
@@ -131,4 +153,6 @@ def build_side(table: pd.DataFrame, spec: TableSpec, side: str, features: Path |
         structured=_with_unknown_row(encoder.transform(table)),
         words=_with_unknown_row(bag_of_words(texts) if spec.text else np.zeros((len(ids), 0))),
         encoder=encoder,
+        pixels=_with_unknown_row(raw_pixels(images_root, table[spec.image].tolist()))
+        if images_root is not None and spec.image else None,
     )
