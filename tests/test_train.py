@@ -53,6 +53,7 @@ def test_train_logs_to_mlflow_registers_and_evaluates(home, tiny_shop, features)
     assert [m.step for m in client.get_metric_history(first.run_id, "train_loss")] == [0, 1]
     assert {a.path for a in client.list_artifacts(first.run_id)} >= {"loss_curve.png"}
     assert (home / "mlflow.db").is_file()
+    assert client.get_run(first.run_id).info.artifact_uri.startswith((home / "mlartifacts").as_uri())
 
     # A clearly worse model (a learning rate that blows it up) is registered but does not take the alias.
     worse = train(TrainConfig(dataset=str(tiny_shop), features=str(features), epochs=1, lr=50.0,

@@ -21,8 +21,12 @@ def state_folder() -> Path:
     return Path(os.environ.get("FUSIONREC_HOME") or ".fusionrec").resolve()
 
 
+def default_tracking_uri() -> str:
+    return f"sqlite:///{state_folder() / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_folder() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
 def setup() -> str:
@@ -31,12 +35,18 @@ def setup() -> str:
     import mlflow
 
     state_folder().mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)  # (MLflow also exports it as MLFLOW_TRACKING_URI)
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
     if experiment is None:
-        artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (state_folder() / "mlartifacts").as_uri()
-        return mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
-    return experiment.experiment_id
+        # With our SQLite default, artifacts go beside it; a tracking server decides for itself.
+        artifacts = (state_folder() / "mlartifacts").as_uri() if uri == default_tracking_uri() else None
+        experiment_id = mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
+    else:
+        experiment_id = experiment.experiment_id
+    # Runs must land in this experiment: MLflow's "Default" one would put artifacts in ./mlruns.
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
 
 
 def _pyfunc_class():
