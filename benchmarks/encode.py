@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.utils import logging
 
+from fusionrec.config import state_folder
 from fusionrec.data.synth import SynthConfig, generate
 from fusionrec.data.validate import load_dataset
 from fusionrec.encoders.base import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, ImageEncoder, TextEncoder, resolve_model
@@ -62,7 +63,7 @@ def main(users: int = 5000, items: int = 3000, images: int = 400, batch_size: in
     logging.disable_progress_bar()
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
-    cache = Path(os.environ.get("FUSIONREC_HOME") or ".fusionrec").resolve() / "models"
+    cache = state_folder() / "models"
     prepare(cache)
     with tempfile.TemporaryDirectory() as tmp:
         shop = Path(tmp) / "shop"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Annotated
 import typer
 
 from fusionrec import __version__
+from fusionrec.config import state_folder
 from fusionrec.data.problems import DataError
 
 app = typer.Typer(help="fusionrec: multimodal recommendations on Ray.", no_args_is_help=True,
@@ -27,7 +27,7 @@ CacheOption = Annotated[Path | None, typer.Option(help="Model cache (default: $F
 
 
 def default_cache(cache: Path | None) -> Path:
-    return cache or Path(os.environ.get("FUSIONREC_HOME") or ".fusionrec").resolve() / "models"
+    return cache or state_folder() / "models"
 
 
 def fail(message: str) -> None:

@@ -11,14 +11,12 @@ import os
 import tempfile
 from pathlib import Path
 
+from fusionrec.config import state_folder
+
 MODEL_NAME = "fusionrec"
 CHAMPION = "champion"
 EXPERIMENT = "fusionrec"
 SELECTION_METRIC = "val_mse"
-
-
-def state_folder() -> Path:
-    return Path(os.environ.get("FUSIONREC_HOME") or ".fusionrec").resolve()
 
 
 def default_tracking_uri() -> str:

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fusionrec.config import state_folder
 from fusionrec.data.splits import SPLITS, Split, split_by_name
 from fusionrec.data.validate import Dataset, load_dataset
 from fusionrec.evaluate import candidate
@@ -272,7 +273,7 @@ def train(cfg: TrainConfig, register: bool = False, crash_at_epoch: int | None =
     cfg.check()
     prepared = prepare(cfg)
     registry.setup()
-    storage = registry.state_folder() / "ray_results"
+    storage = state_folder() / "ray_results"
     storage.mkdir(parents=True, exist_ok=True)
     with mlflow.start_run() as run:
         mlflow.log_params({"dataset": prepared.dataset.spec.name, "dataset_path": cfg.dataset,

