@@ -50,7 +50,8 @@ def _check_pooling(pooling: str) -> str:
     return pooling
 
 
-def _load(model: str, loader):
+def load_pretrained(model: str, loader):
+    """`loader.from_pretrained(model)`, offline, with a one-line error naming the model."""
     try:
         return loader.from_pretrained(model)
     except OSError as exc:
@@ -65,8 +66,8 @@ class TextEncoder:
         from transformers import AutoModel, AutoTokenizer
 
         self.pooling = _check_pooling(pooling)
-        self.tokenizer = _load(model, AutoTokenizer)
-        self.model = _load(model, AutoModel).eval().to(device)
+        self.tokenizer = load_pretrained(model, AutoTokenizer)
+        self.model = load_pretrained(model, AutoModel).eval().to(device)
         self.device, self.max_length = device, max_length
         self.name = name or Path(model).name
         self.dim = int(self.model.config.hidden_size)
@@ -96,7 +97,7 @@ class ImageEncoder:
         from transformers import AutoModel
 
         self.pooling = _check_pooling(pooling)
-        self.model = _load(model, AutoModel).eval().to(device)
+        self.model = load_pretrained(model, AutoModel).eval().to(device)
         preprocessing = Path(model) / "preprocessor_config.json"
         config = json.loads(preprocessing.read_text()) if preprocessing.is_file() else {}
         size = config.get("size", self.model.config.image_size)

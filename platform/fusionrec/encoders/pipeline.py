@@ -31,6 +31,7 @@ from fusionrec.encoders.base import (
     POOLINGS,
     ImageEncoder,
     TextEncoder,
+    load_pretrained,
     resolve_model,
 )
 
@@ -170,12 +171,12 @@ def _run_ray(kind: str, todo: pd.DataFrame, model: str, name: str, cfg: EncodeCo
     from fusionrec.ray_runtime import cluster_cpus, ensure_ray
 
     ensure_ray()
-    actors = min(cfg.actors, max(1, len(todo) // cfg.batch_size + (len(todo) % cfg.batch_size > 0)))
+    batches = -(-len(todo) // cfg.batch_size)
+    actors = min(cfg.actors, batches)
     threads = max(1, cluster_cpus() // actors) if cfg.gpus_per_actor == 0 else 1
-    # One block per batch (at least one per actor), so that every actor in the pool gets work.
-    blocks = max(actors, -(-len(todo) // cfg.batch_size))
+    # One block per batch, so that every actor in the pool gets work.
     rows = todo[["key", "payload"]].reset_index(drop=True)
-    ds = ray.data.from_pandas([rows.iloc[part] for part in np.array_split(np.arange(len(rows)), blocks)])
+    ds = ray.data.from_pandas([rows.iloc[part] for part in np.array_split(np.arange(len(rows)), batches)])
     encoded = ds.map_batches(
         EncodeBatch,
         fn_constructor_kwargs={"kind": kind, "model": model, "name": name, "pooling": cfg.pooling,
@@ -195,7 +196,7 @@ def _run_ray(kind: str, todo: pd.DataFrame, model: str, name: str, cfg: EncodeCo
 
 
 def _write(path: Path, frame: pd.DataFrame, dim: int, meta: dict) -> None:
-    matrix = np.stack(frame["embedding"].to_numpy()).astype(np.float32) if len(frame) else np.zeros((0, dim))
+    matrix = embedding_matrix(frame) if len(frame) else np.zeros((0, dim), np.float32)
     table = pa.table({
         "id": pa.array(frame["id"].astype(str).tolist(), pa.string()),
         "content_hash": pa.array(frame["content_hash"].tolist(), pa.string()),
@@ -208,22 +209,15 @@ def _write(path: Path, frame: pd.DataFrame, dim: int, meta: dict) -> None:
 
 def _model_meta(kind: str, cfg: EncodeConfig) -> tuple[str, str, dict]:
     alias = cfg.text_model if kind == "text" else cfg.image_model
+    from transformers import AutoConfig
+
     model = resolve_model(alias, cfg.cache)
     name = alias if alias in (DEFAULT_TEXT_MODEL, DEFAULT_IMAGE_MODEL) else Path(alias).name
-    probe = _probe_dim(kind, model)
-    meta = {"encoder": name, "model": model, "kind": kind, "dim": probe, "pooling": cfg.pooling}
+    dim = int(load_pretrained(model, AutoConfig).hidden_size)
+    meta = {"encoder": name, "model": model, "kind": kind, "dim": dim, "pooling": cfg.pooling}
     if kind == "image":
         meta["image_size"] = cfg.image_size
     return model, name, meta
-
-
-def _probe_dim(kind: str, model: str) -> int:
-    from transformers import AutoConfig
-
-    try:
-        return int(AutoConfig.from_pretrained(model).hidden_size)
-    except OSError as exc:
-        raise FileNotFoundError(f"cannot load {kind} model {model!r} offline: {str(exc).splitlines()[0]}") from exc
 
 
 def encode_dataset(dataset: Dataset, out: Path, cfg: EncodeConfig) -> list[TableReport]:
