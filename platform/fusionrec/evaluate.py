@@ -15,12 +15,29 @@ import pandas as pd
 import torch
 
 from fusionrec.data.splits import sample_negatives, split_by_name
-from fusionrec.data.validate import load_dataset
+from fusionrec.data.validate import Dataset, load_dataset
 from fusionrec.metrics import candidate_metrics
 from fusionrec.models.bundle import load_bundle
 from fusionrec.models.nets import Recommender
 
 PROTOCOLS = ("candidate", "full", "ncf")
+
+
+def index_ratings(dataset: Dataset, user_ids, item_ids) -> pd.DataFrame:
+    """The ratings as user_idx, item_idx (row numbers in the model; unknown ids -> n, the unknown
+    row), user_id, item_id, rating and, if present, timestamp. The RangeIndex is what splits index."""
+    users = {str(u): k for k, u in enumerate(user_ids)}
+    items = {str(i): k for k, i in enumerate(item_ids)}
+    source = dataset.ratings
+    ratings = pd.DataFrame({
+        "user_idx": source[dataset.user_id].map(users).fillna(len(users)).to_numpy(np.int64),
+        "item_idx": source[dataset.item_id].map(items).fillna(len(items)).to_numpy(np.int64),
+        "user_id": source[dataset.user_id].to_numpy(), "item_id": source[dataset.item_id].to_numpy(),
+        "rating": source["rating"].to_numpy(np.float32),
+    })
+    if "timestamp" in source:
+        ratings["timestamp"] = source["timestamp"].to_numpy()
+    return ratings
 
 
 @torch.no_grad()
@@ -91,12 +108,9 @@ def evaluate_bundle(dataset_path: Path, bundle: Path, protocol: str = "candidate
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
     model, meta = load_bundle(bundle)
-    data = load_dataset(dataset_path, check_images=False)
-    users = {u: i for i, u in enumerate(meta["users"]["ids"])}
-    items = {u: i for i, u in enumerate(meta["items"]["ids"])}
-    ratings = data.ratings.rename(columns={data.user_id: "user_id", data.item_id: "item_id"})
-    ratings = ratings.assign(user_idx=ratings["user_id"].map(users).fillna(len(users)).astype(int),
-                             item_idx=ratings["item_id"].map(items).fillna(len(items)).astype(int))
+    ratings = index_ratings(load_dataset(dataset_path, check_images=False), meta["users"]["ids"],
+                            meta["items"]["ids"])
+    n_items = len(meta["items"]["ids"])
     split = split_by_name(ratings, meta["split"], meta["seed"])
     test = ratings.iloc[split.test]
     if protocol == "candidate":
@@ -105,4 +119,4 @@ def evaluate_bundle(dataset_path: Path, bundle: Path, protocol: str = "candidate
         return full_ranking(model, ratings.iloc[split.train], test, k)
     if meta["split"] != "loo":
         raise ValueError("the ncf protocol needs a model trained with --split loo")
-    return ncf(model, ratings, test, len(items), k=k, seed=meta["seed"])
+    return ncf(model, ratings, test, n_items, k=k, seed=meta["seed"])

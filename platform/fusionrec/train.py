@@ -18,14 +18,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
 from fusionrec.config import state_folder
 from fusionrec.data.splits import SPLITS, Split, split_by_name
 from fusionrec.data.validate import Dataset, load_dataset
-from fusionrec.evaluate import candidate
+from fusionrec.evaluate import candidate, index_ratings
 from fusionrec.models.bundle import save_bundle
 from fusionrec.models.content import SideContent, build_side
 from fusionrec.models.nets import ModelConfig, build_model
@@ -76,15 +75,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     pixels_root = dataset.root if cfg.model.model == "cnn" else None  # only the CNN reads raw pixels
     users = build_side(dataset.users, dataset.spec.users, "users", features, pixels_root)
     items = build_side(dataset.items, dataset.spec.items, "items", features, pixels_root)
-    uid, iid = dataset.user_id, dataset.item_id
-    ratings = pd.DataFrame({
-        "user_idx": dataset.ratings[uid].map(users.index()).to_numpy(np.int64),
-        "item_idx": dataset.ratings[iid].map(items.index()).to_numpy(np.int64),
-        "user_id": dataset.ratings[uid].to_numpy(), "item_id": dataset.ratings[iid].to_numpy(),
-        "rating": dataset.ratings["rating"].to_numpy(np.float32),
-    })
-    if "timestamp" in dataset.ratings:
-        ratings["timestamp"] = dataset.ratings["timestamp"].to_numpy()
+    ratings = index_ratings(dataset, users.ids, items.ids)
     return Prepared(dataset, users, items, ratings, split_by_name(ratings, cfg.split, cfg.seed))
 
 

@@ -95,9 +95,6 @@ class SideContent:
     def n(self) -> int:
         return len(self.ids)
 
-    def index(self) -> dict[str, int]:
-        return {str(i): k for k, i in enumerate(self.ids)}
-
     def arrays(self) -> dict[str, np.ndarray]:
         pixels = self.pixels if self.pixels is not None else np.zeros((self.n + 1, 0), np.float32)
         return {"text": self.text, "image": self.image, "structured": self.structured, "words": self.words,

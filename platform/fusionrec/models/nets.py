@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fusionrec.models.content import SideContent
+from fusionrec.models.content import PIXELS, SideContent
 
 VARIANTS = ("full", "no_image", "no_text", "no_structured", "id_only")
 MODELS = {
@@ -218,7 +218,7 @@ class ContentCNN(Recommender):
         super().__init__(users, items, config)
         d = config.content_dim
 
-        def image_net() -> nn.Module:  # [batch, 3, 32, 32] -> [batch, d]
+        def image_net() -> nn.Module:  # [batch, 3, PIXELS, PIXELS] -> [batch, d]
             return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                                  nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                                  nn.Flatten(), nn.Linear(32, d))
@@ -235,8 +235,8 @@ class ContentCNN(Recommender):
     def _side(self, side, image_net, words_net) -> list[torch.Tensor]:
         pixels = side["pixels"]
         if pixels.shape[1] == 0:  # no images in this dataset: a zero picture
-            pixels = torch.zeros(len(pixels), 3 * 32 * 32, device=pixels.device)
-        parts = [image_net(pixels.view(-1, 3, 32, 32))]
+            pixels = torch.zeros(len(pixels), 3 * PIXELS * PIXELS, device=pixels.device)
+        parts = [image_net(pixels.view(-1, 3, PIXELS, PIXELS))]
         return parts + ([words_net(side["words"])] if words_net is not None else [])
 
     def score(self, user, item):
