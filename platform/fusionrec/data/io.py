@@ -16,6 +16,11 @@ from fusionrec.data.problems import DataError, Problem
 TABLE_SUFFIXES = (".parquet", ".csv")
 
 
+def is_missing(value: object) -> bool:
+    """An empty cell: None, NaN or blank text."""
+    return value is None or (isinstance(value, float) and value != value) or str(value).strip() == ""
+
+
 def find_table(root: Path, stem: str) -> Path:
     """The one file `<stem>.parquet` or `<stem>.csv` in `root`; a DataError if none or both."""
     found = [root / f"{stem}{suffix}" for suffix in TABLE_SUFFIXES if (root / f"{stem}{suffix}").is_file()]

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fusionrec.data.images import ImageProblem, open_image, resolve_image_path
-from fusionrec.data.io import atomic_file
+from fusionrec.data.io import atomic_file, is_missing
 from fusionrec.data.problems import DataError, Problem
 from fusionrec.data.validate import Dataset
 from fusionrec.encoders.base import (
@@ -137,7 +137,7 @@ def _contents(dataset: Dataset, side: str, kind: str) -> pd.DataFrame | None:
     table = dataset.users if side == "users" else dataset.items
     rows = []
     for entity_id, value in zip(table[spec.id], table[column], strict=True):
-        if value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == "":
+        if is_missing(value):
             rows.append((entity_id, None, "", ""))
         elif kind == "text":
             rows.append((entity_id, str(value), _hash(str(value).encode()), ""))

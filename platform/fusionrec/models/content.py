@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fusionrec.data.io import is_missing
 from fusionrec.data.schema import TableSpec
 
 BAG_OF_WORDS_DIM = 512
@@ -70,7 +71,7 @@ def bag_of_words(texts, dim: int = BAG_OF_WORDS_DIM) -> np.ndarray:
     """Hashed, L2-normalised word counts: [len(texts), dim]. crc32 keeps buckets stable across runs."""
     out = np.zeros((len(texts), dim), np.float32)
     for row, text in enumerate(texts):
-        if text is None or (isinstance(text, float) and np.isnan(text)):
+        if is_missing(text):
             continue
         for word in WORD.findall(str(text).lower()):
             out[row, zlib.crc32(word.encode()) % dim] += 1.0
@@ -127,7 +128,7 @@ def raw_pixels(root: Path, paths) -> np.ndarray:
 
     out = np.zeros((len(paths), 3 * PIXELS * PIXELS), np.float32)
     for row, value in enumerate(paths):
-        if value is None or (isinstance(value, float) and np.isnan(value)):
+        if is_missing(value):
             continue
         try:
             image = open_image(resolve_image_path(root, str(value))).resize((PIXELS, PIXELS))
