@@ -149,8 +149,7 @@ def train_loop_per_worker(config: dict) -> None:
         core.eval()
         with torch.no_grad():
             val_loss = float(_loss(core, val_u, val_i, val_r, config["objective"], config["negatives"], items.n))
-            val_mse = float(torch.nn.functional.mse_loss(core(val_u, val_i), val_r)) \
-                if config["objective"] == "rating" else val_loss
+        val_mse = val_loss  # the rating objective's loss is the MSE; for implicit, the BCE stands in for selection
         if val_loss < best["val_loss"]:
             best = {"val_loss": val_loss, "val_mse": val_mse, "epoch": epoch,
                     "state": {k: v.detach().clone() for k, v in core.state_dict().items()}}
