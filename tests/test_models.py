@@ -56,6 +56,22 @@ def test_every_model_scores_pairs_and_all_items(name):
     loss.backward()  # trainable end to end
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_score_all_matches_pairwise_scores_and_new_users_score_from_content(name):
+    users, items = sides()
+    model = build_model(users, items, ModelConfig(model=name, global_mean=3.5)).eval()
+    model.mark_seen(np.array([0, 1, 2]), np.array([0, 1, 2, 3]))  # item 4 unseen
+    for user in (1, 4):  # seen, unseen
+        pairwise = model(torch.full((5,), user), torch.arange(5))
+        assert torch.allclose(model.score_all(user), pairwise, atol=1e-5)  # FusionNeuMF: the cached-tower path
+    # a brand-new user given as content scores like an unseen known user with the same content
+    row = model.users.row(text=users.text[4], image=users.image[4], structured=users.structured[4],
+                          words=users.words[4])
+    assert torch.allclose(model.score_all_for(row), model.score_all(4), atol=1e-5)
+    model.train()
+    assert model.score_all(1).shape == (5,)  # the training-mode path (no cache) still answers
+
+
 @pytest.mark.parametrize("variant, ignored", [("no_text", "text"), ("no_image", "image"),
                                               ("no_structured", "structured"), ("id_only", "text")])
 def test_variants_ignore_their_modality(variant, ignored):

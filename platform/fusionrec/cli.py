@@ -265,3 +265,58 @@ def evaluate(
 
     result = evaluate_bundle(dataset, download(model_uri), protocol, k)
     typer.echo(json.dumps({"protocol": protocol, **result}))
+
+
+@app.command("serve")
+@friendly_errors
+def serve(
+    model_uri: Annotated[str | None, typer.Option(help="Model to serve (default: the config's, else "
+                                                       "models:/fusionrec@champion, following the alias).")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1: this machine only).")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (default 8000).")] = None,
+    config: Annotated[Path | None, typer.Option(help="Serve config (default: serve/config.yaml if present).")]
+    = None,
+    plain: Annotated[bool, typer.Option(help="One process, no Ray: FastAPI + uvicorn (development, benchmarks).")]
+    = False,
+) -> None:
+    """Serve the model over HTTP: POST /predict, POST /recommend, GET /model, GET /healthz, docs at /docs."""
+    import signal
+    import threading
+
+    if config is None and Path("serve/config.yaml").is_file():
+        config = Path("serve/config.yaml")
+    elif config is not None and not config.is_file():
+        raise FileNotFoundError(f"{config}: no such Serve config")
+    if plain:
+        import uvicorn
+
+        from fusionrec.serve.api import plain_app
+
+        uvicorn.run(plain_app(model_uri or "models:/fusionrec@champion"), host=host or "127.0.0.1",
+                    port=port or 8000, log_level="warning")
+        return
+    from fusionrec.serve import app as serve_app
+
+    info = serve_app.start(model_uri, host, port, config)
+    address = f"http://{host or '127.0.0.1'}:{port or 8000}"
+    typer.echo(f"serving {info['name'] or 'bundle'} version {info['version']} ({info['model']}) at {address} "
+               f"(API docs at {address}/docs); Ctrl-C stops")
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    stopping.wait()
+    typer.echo("stopping...", err=True)
+    serve_app.stop()
+
+
+@app.command("promote")
+@friendly_errors
+def promote(
+    version: Annotated[str, typer.Option(help="Registered version of fusionrec to make champion.")],
+) -> None:
+    """Move alias `champion` to a version; a running service switches to it within seconds."""
+    from fusionrec.registry import CHAMPION, MODEL_NAME
+    from fusionrec.registry import promote as move_alias
+
+    before = move_alias(version)
+    typer.echo(f"{MODEL_NAME}@{CHAMPION}: version {before or '(none)'} -> {version}")

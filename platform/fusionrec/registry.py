@@ -8,7 +8,9 @@ model is the registered version carrying alias `champion`; promotion moves the a
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from fusionrec.config import state_folder
@@ -109,12 +111,80 @@ def register(model_uri: str, val_mse: float) -> tuple[str, bool]:
     return str(version), promoted
 
 
-def download(model_uri: str) -> Path:
-    """A local bundle folder for `model_uri`: models:/fusionrec@champion, models:/fusionrec/3, or a bundle path."""
+def download(model_uri: str, dst: Path | None = None) -> Path:
+    """A local bundle folder for `model_uri`: models:/fusionrec@champion, models:/fusionrec/3, or a bundle path.
+    Downloads go to `dst` (default: a new temporary folder)."""
     if Path(model_uri).is_dir():
         return Path(model_uri)
     import mlflow
 
     setup()
-    local = mlflow.artifacts.download_artifacts(model_uri, dst_path=tempfile.mkdtemp(prefix="fusionrec-model-"))
+    dst = dst or Path(tempfile.mkdtemp(prefix="fusionrec-model-"))
+    local = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(dst))
     return Path(local) / "artifacts" / "bundle"
+
+
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a model URI points at now: `uri` names one fixed version (or a bundle folder)."""
+
+    uri: str
+    name: str | None
+    version: str  # "local" for a bundle folder
+    alias: str | None
+    run_id: str | None
+
+
+def resolve(model_uri: str) -> ModelRef:
+    """Pin `model_uri` to a version: an alias is looked up now (it may move later)."""
+    if Path(model_uri).is_dir():
+        return ModelRef(str(Path(model_uri).resolve()), None, "local", None, None)
+    match = MODEL_URI.match(model_uri)
+    if not match:
+        raise ValueError(f"model URI {model_uri!r}: expected models:/NAME@ALIAS, models:/NAME/VERSION "
+                         "or a bundle folder")
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    setup()
+    name, alias = match["name"], match["alias"]
+    try:
+        if alias:
+            found = MlflowClient().get_model_version_by_alias(name, alias)
+        else:
+            found = MlflowClient().get_model_version(name, match["version"])
+    except MlflowException:
+        raise ValueError(f"{model_uri}: no such registered model version in {tracking_uri()} "
+                         "(train one with `fusionrec train --register`)") from None
+    return ModelRef(f"models:/{name}/{found.version}", name, str(found.version), alias, found.run_id)
+
+
+def run_metrics(run_id: str | None) -> dict[str, float]:
+    """The final metrics of the run that trained a model ({} for a bundle folder)."""
+    if run_id is None:
+        return {}
+    from mlflow import MlflowClient
+
+    return dict(MlflowClient().get_run(run_id).data.metrics)
+
+
+def promote(version: str, alias: str = CHAMPION) -> str | None:
+    """Move `alias` to `version` of MODEL_NAME; returns the version it pointed at before (or None)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    setup()
+    client = MlflowClient()
+    try:
+        client.get_model_version(MODEL_NAME, str(version))
+    except MlflowException:
+        raise ValueError(f"no version {version} of registered model {MODEL_NAME!r} in {tracking_uri()}") from None
+    try:
+        before = client.get_model_version_by_alias(MODEL_NAME, alias).version
+    except MlflowException:
+        before = None
+    client.set_registered_model_alias(MODEL_NAME, alias, str(version))
+    return None if before is None else str(before)

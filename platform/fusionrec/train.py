@@ -24,6 +24,7 @@ import torch
 from fusionrec.config import state_folder
 from fusionrec.data.splits import SPLITS, Split, split_by_name
 from fusionrec.data.validate import Dataset, load_dataset
+from fusionrec.encoders.pipeline import feature_encoders
 from fusionrec.evaluate import candidate, index_ratings
 from fusionrec.models.bundle import save_bundle
 from fusionrec.models.content import SideContent, build_side
@@ -288,7 +289,8 @@ def train(cfg: TrainConfig, register: bool = False, crash_at_epoch: int | None =
                 "dataset": spec.name, "rating_scale": list(scale), "relevance_threshold": spec.relevance_threshold,
                 "objective": cfg.objective, "split": cfg.split, "seed": cfg.seed, "run_id": run.info.run_id,
                 "test_metrics": metrics,
-            })
+                "encoders": feature_encoders(Path(cfg.features)) if cfg.features else {},
+            }, seen=prepared.ratings.iloc[prepared.split.train][["user_idx", "item_idx"]].to_numpy())
             model_uri = registry.log_bundle(bundle)
         result = TrainResult(metrics, run.info.run_id, bundle, best["epoch"], best["val_mse"])
         if register:

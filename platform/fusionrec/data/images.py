@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import BinaryIO
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 # 64 megapixels (8192 x 8192): far above any product photo, far below a decompression bomb.
 MAX_IMAGE_PIXELS = 8192 * 8192
@@ -33,8 +34,9 @@ def resolve_image_path(root: Path, value: str) -> Path:
     return path
 
 
-def open_image(path: Path) -> Image.Image:
-    """Open and fully decode an image as RGB, refusing anything over MAX_IMAGE_PIXELS before decoding."""
+def open_image(path: Path | BinaryIO) -> Image.Image:
+    """Open and fully decode an image (a file, or bytes in a file object) as RGB, refusing anything
+    over MAX_IMAGE_PIXELS before decoding."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -52,4 +54,6 @@ def open_image(path: Path) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageProblem(f"refused as a possible decompression bomb: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt files
-        raise ImageProblem(f"undecodable image {path.name}: {exc}".splitlines()[0]) from exc
+        name = path.name if isinstance(path, Path) else "data"
+        reason = "not a recognised image format" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        raise ImageProblem(f"undecodable image {name}: {reason}".splitlines()[0]) from exc

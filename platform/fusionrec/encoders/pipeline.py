@@ -80,11 +80,20 @@ def feature_path(folder: Path, side: str, kind: str) -> Path:
     return Path(folder) / f"{side}.{kind}.parquet"
 
 
+def _metadata(schema: pa.Schema) -> dict:
+    return json.loads((schema.metadata or {}).get(METADATA_KEY, b"{}"))
+
+
 def read_features(path: Path) -> tuple[pd.DataFrame, dict]:
     """A feature table as (frame with id, content_hash, embedding [n, dim] in a column, mask; metadata)."""
     table = pq.read_table(path)
-    meta = json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}"))
-    return table.to_pandas(), meta
+    return table.to_pandas(), _metadata(table.schema)
+
+
+def feature_encoders(folder: Path) -> dict[str, dict]:
+    """The encoder metadata of each feature table in `folder`, keyed "users.text", "items.image", ..."""
+    return {f"{side}.{kind}": _metadata(pq.read_schema(feature_path(folder, side, kind)))
+            for side in SIDES for kind in KINDS if feature_path(folder, side, kind).is_file()}
 
 
 def embedding_matrix(frame: pd.DataFrame) -> np.ndarray:

@@ -1,7 +1,10 @@
 """A trained model on disk: everything serving needs in one folder.
 
     model.pt      the state dict (weights, and both sides' content matrices as buffers)
-    bundle.json   model config, id maps, structured encoders, rating scale, split and objective
+    bundle.json   model config, id maps, structured encoders, text/image encoders used for the
+                  features, rating scale, split and objective
+    seen.npy      [n, 2] int32 (user row, item row) pairs of the training split: what serving
+                  leaves out of a user's recommendations
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ from fusionrec.models.content import SideContent, StructuredEncoder
 from fusionrec.models.nets import ModelConfig, Recommender, build_model
 
 
-def save_bundle(folder: Path, model: Recommender, users: SideContent, items: SideContent, extra: dict) -> None:
+def save_bundle(folder: Path, model: Recommender, users: SideContent, items: SideContent, extra: dict,
+                seen: np.ndarray | None = None) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), folder / "model.pt")
+    if seen is not None:
+        np.save(folder / "seen.npy", np.asarray(seen, np.int32).reshape(-1, 2))
     meta = {
         "model_config": asdict(model.config),
         "users": {"ids": users.ids.tolist(), "structured": users.encoder.to_dict(),
@@ -46,3 +52,12 @@ def load_bundle(folder: Path) -> tuple[Recommender, dict]:
     model = build_model(_empty_side(meta["users"]), _empty_side(meta["items"]), ModelConfig(**meta["model_config"]))
     model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
     return model.eval(), meta
+
+
+def load_seen(folder: Path, n_users: int) -> list[np.ndarray]:
+    """Per user row, the item rows it rated in training (empty for all if the bundle has none)."""
+    path = Path(folder) / "seen.npy"
+    pairs = np.load(path) if path.is_file() else np.zeros((0, 2), np.int32)
+    pairs = pairs[np.argsort(pairs[:, 0], kind="stable")]
+    bounds = np.searchsorted(pairs[:, 0], np.arange(n_users + 1))
+    return [pairs[bounds[u]:bounds[u + 1], 1] for u in range(n_users)]

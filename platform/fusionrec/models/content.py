@@ -131,11 +131,16 @@ def raw_pixels(root: Path, paths) -> np.ndarray:
         if is_missing(value):
             continue
         try:
-            image = open_image(resolve_image_path(root, str(value))).resize((PIXELS, PIXELS))
+            out[row] = image_pixels(open_image(resolve_image_path(root, str(value))))
         except ImageProblem:
             continue
-        out[row] = (np.asarray(image, np.float32) / 255.0).transpose(2, 0, 1).reshape(-1)
     return out
+
+
+def image_pixels(image) -> np.ndarray:
+    """An RGB PIL image as the CNN baseline reads it: PIXELS x PIXELS, channels first, flat, in [0, 1]."""
+    small = image.resize((PIXELS, PIXELS))
+    return (np.asarray(small, np.float32) / 255.0).transpose(2, 0, 1).reshape(-1)
 
 
 def build_side(table: pd.DataFrame, spec: TableSpec, side: str, features: Path | None,

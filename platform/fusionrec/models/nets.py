@@ -1,5 +1,6 @@
 """The models. Each holds both sides' content as buffers, so `forward(users, items)` takes only
-row indices (index n = the unknown user/item) and `score_all(user)` ranks every item.
+row indices (index n = the unknown user/item), `score_all(user)` ranks every item, and
+`score_all_for(row)` ranks every item for a user given as one row of content (a cold-start user).
 
     FusionNeuMF (the paper's model), per side:
         p   = id embedding (shared by both branches; randomly swapped for the unknown row in
@@ -90,6 +91,21 @@ class ContentBank(nn.Module):
         return {"ids": ids, "text": self.text[idx], "image": self.image[idx], "structured": self.structured[idx],
                 "words": self.words[idx], "pixels": self.pixels[idx]}
 
+    def known(self) -> dict[str, torch.Tensor]:
+        """All n known rows, as views (no copy): what gather(arange(n)) returns."""
+        idx = torch.arange(self.n, device=self.seen.device)
+        return {"ids": torch.where(self.seen[:self.n], idx, self.n), "text": self.text[:self.n],
+                "image": self.image[:self.n], "structured": self.structured[:self.n], "words": self.words[:self.n],
+                "pixels": self.pixels[:self.n]}
+
+    def row(self, **content: np.ndarray) -> dict[str, torch.Tensor]:
+        """One unknown entity as a gathered row ([1, dim] each): the given content, zeros elsewhere."""
+        out = {"ids": torch.tensor([self.n], device=self.seen.device)}
+        for name in ("text", "image", "structured", "words", "pixels"):
+            width, value = getattr(self, name).shape[1], content.get(name)
+            out[name] = torch.zeros(1, width) if value is None else torch.as_tensor(value).float().view(1, width)
+        return out
+
 
 class Recommender(nn.Module):
     """The shared interface: forward(users, items) -> scores; score_all(user) -> every item's score."""
@@ -112,8 +128,15 @@ class Recommender(nn.Module):
 
     @torch.no_grad()
     def score_all(self, user: int) -> torch.Tensor:
-        items = torch.arange(self.items.n, device=self.users.text.device)
-        return self.forward(torch.full_like(items, user), items)
+        """[n_items] scores of every item for user row `user`."""
+        return self.score_all_for(self.users.gather(torch.tensor([user], device=self.users.seen.device)))
+
+    @torch.no_grad()
+    def score_all_for(self, user: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[n_items] scores of every item for one user given as a gathered row ([1, dim] each)."""
+        items = self.items.known()
+        n = self.items.n
+        return self.score({k: v.expand(n, *v.shape[1:]) for k, v in user.items()}, items)
 
 
 class SideTower(nn.Module):
@@ -170,11 +193,40 @@ class FusionNeuMF(Recommender):
         self.out = nn.Linear(config.embedding_dim + config.mlp[-1], 1)
         nn.init.constant_(self.out.bias, config.global_mean)
 
+        self._items_cache: tuple[torch.Tensor, ...] | None = None
+
     def score(self, user, item):
         user_gmf, user_mlp, user_bias = self.user_tower(user)
         item_gmf, item_mlp, item_bias = self.item_tower(item)
         joint = torch.cat([user_gmf * item_gmf, self.mlp(torch.cat([user_mlp, item_mlp], dim=1))], dim=1)
         return self.out(joint).squeeze(-1) + user_bias + item_bias  # [batch]
+
+    # The cached item towers hold for fixed weights: dropped on entering training or loading weights.
+    def train(self, mode: bool = True):
+        if mode:
+            self._items_cache = None
+        return super().train(mode)
+
+    def load_state_dict(self, *args, **kwargs):
+        self._items_cache = None
+        return super().load_state_dict(*args, **kwargs)
+
+    @torch.no_grad()
+    def score_all_for(self, user):
+        """Same scores as score(), without recomputing the item towers for every user: in eval mode
+        they are cached, and the MLP's first layer is split so the item half is applied once."""
+        if self.training:
+            return super().score_all_for(user)
+        first = self.mlp[0]  # Linear over [user_mlp ++ item_mlp]
+        split = self.user_tower.out_dim
+        if self._items_cache is None:
+            item_gmf, item_mlp, item_bias = self.item_tower(self.items.known())
+            self._items_cache = (item_gmf, item_mlp @ first.weight[:, split:].T + first.bias, item_bias)
+        item_gmf, item_first, item_bias = self._items_cache  # [n, emb], [n, mlp[0]], [n]
+        user_gmf, user_mlp, user_bias = self.user_tower(user)  # [1, ...]
+        hidden = self.mlp[1:](item_first + user_mlp @ first.weight[:, :split].T)  # [n, mlp[-1]]
+        joint = torch.cat([user_gmf * item_gmf, hidden], dim=1)
+        return self.out(joint).squeeze(-1) + user_bias + item_bias  # [n]
 
 
 class BiasedMF(Recommender):

@@ -1,0 +1,159 @@
+"""The Ray Serve application: Ingress (FastAPI) -> Encoder (cold-start payloads) -> Ranker (@serve.batch).
+
+    Ingress   the HTTP API of serve/api.py over deployment handles
+    Encoder   text/image of new users, with the encoders the model's features were made with
+    Ranker    the model (models:/fusionrec@champion by default, following the alias), batched
+
+Each deployment autoscales by its `autoscaling_config` in serve/config.yaml. Start it with
+`fusionrec serve [--config serve/config.yaml]` (a local Ray, or RAY_ADDRESS) or, on a running
+cluster, `serve deploy serve/config.yaml` (import path `fusionrec.serve.app:build`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from fusionrec.serve.api import build_api
+
+APP_NAME = "fusionrec"
+DEFAULT_MODEL_URI = "models:/fusionrec@champion"
+DEPLOYMENTS = ("Ingress", "Encoder", "Ranker")
+
+
+def _quiet_torch(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+@serve.deployment(name="Ranker", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32)
+class RankerDeployment:
+    def __init__(self, model_uri: str, refresh_s: float, tracking_uri: str | None, threads: int = 1):
+        if tracking_uri:  # the driver's MLflow store, whatever this replica's environment says
+            os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+        _quiet_torch(threads)
+        from fusionrec.serve.ranker import Ranker
+
+        self.ranker = Ranker(model_uri, refresh_s)
+        self.ranker.follow_alias()
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def rank(self, calls: list[dict]) -> list[dict]:
+        return [self.ranker.answer(call) for call in calls]
+
+    def info(self) -> dict:
+        return self.ranker.info()
+
+
+@serve.deployment(name="Encoder", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=8)
+class EncoderDeployment:
+    def __init__(self, cache: str | None, threads: int = 1):
+        _quiet_torch(threads)
+        from fusionrec.serve.encoding import PayloadEncoder
+
+        self.encoder = PayloadEncoder(Path(cache) if cache else None)
+
+    def encode(self, encoders: dict, text: str | None, image: bytes | None) -> dict:
+        return self.encoder.encode(encoders, text, image)
+
+    def warm(self, encoders: dict) -> None:
+        self.encoder.warm(encoders)
+
+
+class HandleBackend:
+    """serve/api.py's Backend over deployment handles."""
+
+    def __init__(self, encoder: DeploymentHandle, ranker: DeploymentHandle):
+        self.encoder, self.ranker = encoder, ranker
+
+    async def rank(self, call: dict) -> dict:
+        return await self.ranker.rank.remote(call)
+
+    async def encode(self, encoders: dict, text: str | None, image: bytes | None) -> dict:
+        return await self.encoder.encode.remote(encoders, text, image)
+
+    async def info(self) -> dict:
+        return await self.ranker.info.remote()
+
+
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+@serve.ingress()
+class Ingress:
+    def __init__(self, encoder: DeploymentHandle, ranker: DeploymentHandle):
+        self.backend = HandleBackend(encoder, ranker)
+
+    def __serve_build_asgi_app__(self):
+        return build_api(self.backend)
+
+    async def check_health(self) -> None:
+        await self.backend.info()  # unhealthy until the ranker answers
+
+
+def build(args: dict, options: dict[str, dict] | None = None) -> serve.Application:
+    """The application builder (`serve deploy` / `serve run fusionrec.serve.app:build`). `args`:
+    model_uri, refresh_s (alias polling), tracking_uri (MLflow; default this process's), cache
+    (the encoder cache), threads (torch threads per replica). `options`: per-deployment overrides
+    (autoscaling_config, ray_actor_options, ...), as in serve/config.yaml."""
+    from fusionrec import registry
+
+    options = options or {}
+    threads = int(args.get("threads", 1))
+    ranker = RankerDeployment.options(**options.get("Ranker", {})).bind(
+        str(args.get("model_uri", DEFAULT_MODEL_URI)), float(args.get("refresh_s", 5.0)),
+        args.get("tracking_uri") or registry.tracking_uri(), threads)
+    encoder = EncoderDeployment.options(**options.get("Encoder", {})).bind(args.get("cache"), threads)
+    return Ingress.options(**options.get("Ingress", {})).bind(encoder, ranker)
+
+
+def read_config(path: Path | None) -> dict:
+    """serve/config.yaml (Serve's own deploy schema, checked by it) as {"http", "args", "deployments"}."""
+    if path is None:
+        return {"http": {}, "args": {}, "deployments": {}}
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+        schema = ServeDeploySchema.model_validate(raw)
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise ValueError(f"{path}: not a valid Serve config: {str(exc).splitlines()[0]}") from None
+    apps = [a for a in schema.applications if a.name == APP_NAME]
+    if not apps:
+        raise ValueError(f"{path}: no application named {APP_NAME!r}")
+    deployments = {}
+    for deployment in raw["applications"][schema.applications.index(apps[0])].get("deployments", []):
+        if deployment.get("name") not in DEPLOYMENTS:
+            raise ValueError(f"{path}: unknown deployment {deployment.get('name')!r} "
+                             f"(expected {', '.join(DEPLOYMENTS)})")
+        deployments[deployment["name"]] = {k: v for k, v in deployment.items() if k != "name"}
+    return {"http": raw.get("http_options", {}), "args": apps[0].args or {}, "deployments": deployments}
+
+
+def start(model_uri: str | None = None, host: str | None = None, port: int | None = None,
+          config: Path | None = None) -> dict:
+    """Deploy the application on the current Ray (started if needed) and wait until it answers.
+    Flags override the config file. Returns the model's /model description."""
+    from fusionrec import registry
+    from fusionrec.ray_runtime import ensure_ray
+
+    settings = read_config(config)
+    args = {**settings["args"], **({"model_uri": model_uri} if model_uri else {})}
+    registry.resolve(str(args.get("model_uri", DEFAULT_MODEL_URI)))  # fail here, in one line, if it does not exist
+    http = {"host": host or settings["http"].get("host", "127.0.0.1"),
+            "port": port or settings["http"].get("port", 8000)}
+    ensure_ray()
+    serve.start(http_options=http)
+    serve.run(build(args, settings["deployments"]), name=APP_NAME, route_prefix="/")  # returns once healthy
+    info = serve.get_deployment_handle("Ranker", APP_NAME).info.remote().result()
+    serve.get_deployment_handle("Encoder", APP_NAME).warm.remote(info["user_encoders"])  # ahead of the first new user
+    return info
+
+
+def stop() -> None:
+    serve.delete(APP_NAME)
+    serve.shutdown()

@@ -1,0 +1,60 @@
+"""Encoding a new user's text and image with the same encoders the model's features came from.
+
+The model's bundle records each feature table's encoder (name, model, pooling, image size); the
+ingress passes that record along with the payload, and each distinct encoder is loaded once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fusionrec.config import state_folder
+from fusionrec.data.images import open_image
+from fusionrec.encoders.base import (
+    DEFAULT_IMAGE_MODEL,
+    DEFAULT_TEXT_MODEL,
+    Encoder,
+    ImageEncoder,
+    TextEncoder,
+    resolve_model,
+)
+
+
+class PayloadEncoder:
+    def __init__(self, cache: Path | None = None):
+        self.cache = Path(cache) if cache else state_folder() / "models"
+        self._loaded: dict[str, Encoder] = {}
+
+    def _encoder(self, spec: dict) -> Encoder:
+        key = json.dumps(spec, sort_keys=True)
+        if key not in self._loaded:
+            alias = spec["encoder"]
+            # The default encoders are found by alias (their files live under this machine's cache);
+            # any other was recorded by its path.
+            model = resolve_model(alias, self.cache) if alias in (DEFAULT_TEXT_MODEL, DEFAULT_IMAGE_MODEL) \
+                else spec["model"]
+            if spec["kind"] == "text":
+                self._loaded[key] = TextEncoder(model, pooling=spec["pooling"], name=alias)
+            else:
+                self._loaded[key] = ImageEncoder(model, pooling=spec["pooling"], image_size=spec.get("image_size"),
+                                                 name=alias)
+        return self._loaded[key]
+
+    def warm(self, encoders: dict[str, dict | None]) -> None:
+        """Load the encoders ahead of the first cold-start request."""
+        for spec in encoders.values():
+            if spec:
+                self._encoder(spec)
+
+    def encode(self, encoders: dict[str, dict | None], text: str | None, image: bytes | None) -> dict[str, np.ndarray]:
+        """{"text": [dim], "image": [dim]} for what was given and the model uses."""
+        out = {}
+        if text is not None and encoders.get("text"):
+            out["text"] = self._encoder(encoders["text"]).encode([text])[0]
+        if image is not None and encoders.get("image"):
+            out["image"] = self._encoder(encoders["image"]).encode([open_image(io.BytesIO(image))])[0]
+        return out

@@ -1,0 +1,207 @@
+"""The ranker: one loaded model answering predict, recommend and recommend-for-a-new-user.
+
+Plain Python, no Ray: the Serve deployment (serve/app.py) and the one-process app
+(`fusionrec serve --plain`) both wrap it. `answer(call)` returns a value for every call, never
+raises: `{"status": 200, "body": ...}` or `{"status": 4xx, "error": "field: message"}`, so one bad
+request in a Serve batch cannot fail the others.
+
+A ranker built on an alias (models:/fusionrec@champion) follows it: `refresh()` loads the version
+the alias points at now and swaps it in with one assignment, so requests already running finish
+on the old model and none fail.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fusionrec import registry
+from fusionrec.evaluate import predict
+from fusionrec.models.bundle import load_bundle, load_seen
+from fusionrec.models.content import StructuredEncoder, bag_of_words, image_pixels
+from fusionrec.models.nets import Recommender
+
+log = logging.getLogger(__name__)
+STALE = 409  # the model changed between encoding a payload and ranking it: encode again
+
+
+class Rejected(Exception):
+    """A request that cannot be answered; `status` is the HTTP status, the message names the field."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class LoadedModel:
+    ref: registry.ModelRef
+    model: Recommender
+    meta: dict
+    users: dict[str, int]  # user id -> row
+    items: dict[str, int]
+    item_ids: np.ndarray
+    seen: list[np.ndarray]  # per user row: item rows rated in training
+    metrics: dict[str, float]
+
+    @classmethod
+    def load(cls, ref: registry.ModelRef) -> LoadedModel:
+        with tempfile.TemporaryDirectory(prefix="fusionrec-serve-") as tmp:
+            folder = registry.download(ref.uri, Path(tmp))
+            model, meta = load_bundle(folder)
+            seen = load_seen(folder, len(meta["users"]["ids"]))
+        loaded = cls(ref, model, meta, {u: k for k, u in enumerate(meta["users"]["ids"])},
+                     {i: k for k, i in enumerate(meta["items"]["ids"])}, np.array(meta["items"]["ids"], dtype=object),
+                     seen, registry.run_metrics(ref.run_id))
+        model.score_all_for(model.users.row())  # warm up (FusionNeuMF caches its item towers here)
+        return loaded
+
+    @property
+    def scale(self) -> tuple[float, float] | None:
+        return tuple(self.meta["rating_scale"]) if self.meta["objective"] == "rating" else None
+
+    @property
+    def attributes(self) -> StructuredEncoder:
+        return StructuredEncoder.from_dict(self.meta["users"]["structured"])
+
+    def user_encoders(self) -> dict[str, dict | None]:
+        """The text/image encoder each user-side content column was made with (None: not used)."""
+        encoders = self.meta.get("encoders", {})
+        return {kind: encoders.get(f"users.{kind}") if getattr(self.model.users, kind).shape[1] else None
+                for kind in ("text", "image")}
+
+    def user_row(self, user_id: str) -> int:
+        if user_id not in self.users:
+            raise Rejected(404, f"user_id: unknown user {user_id!r} (describe a new user with `user` instead)")
+        return self.users[user_id]
+
+    def top(self, scores: np.ndarray, k: int) -> dict:
+        k = min(k, int(np.isfinite(scores).sum()))
+        top = np.argpartition(-scores, k - 1)[:k] if k else np.zeros(0, int)
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return {"items": [{"item_id": str(self.item_ids[i]), "score": float(scores[i])} for i in top],
+                "model_version": self.ref.version}
+
+
+def attribute_row(encoder: StructuredEncoder, attributes: dict) -> np.ndarray:
+    """A new user's attributes as the model's structured vector; unknown names or values are rejected."""
+    for name, value in attributes.items():
+        field = f"user.attributes.{name}"
+        if value is None:  # stated as unknown: treated like a missing cell
+            continue
+        if name in encoder.categorical:
+            if not isinstance(value, str | int | float) or str(value) not in encoder.categorical[name]:
+                known = ", ".join(encoder.categorical[name][:20])
+                raise Rejected(422, f"{field}: unknown value {value!r} (known: {known})")
+        elif name in encoder.numeric:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise Rejected(422, f"{field}: expected a finite number, got {value!r}")
+        else:
+            known = ", ".join([*encoder.categorical, *encoder.numeric]) or "none"
+            raise Rejected(422, f"{field}: unknown attribute (this model knows: {known})")
+    columns = [*encoder.categorical, *encoder.numeric]
+    frame = pd.DataFrame([{c: attributes.get(c) for c in columns}], columns=columns, dtype=object)
+    return encoder.transform(frame)[0]
+
+
+class Ranker:
+    def __init__(self, model_uri: str, refresh_s: float = 5.0):
+        self.model_uri = model_uri
+        self.refresh_s = refresh_s
+        self.current = LoadedModel.load(registry.resolve(model_uri))
+
+    def refresh(self) -> bool:
+        """Follow the alias: load the version it points at now, if that changed. True if swapped."""
+        ref = registry.resolve(self.model_uri)
+        if ref.version == self.current.ref.version:
+            return False
+        loaded = LoadedModel.load(ref)
+        self.current = loaded  # one assignment: calls already running keep the model they started with
+        log.info("now serving %s version %s", ref.name, ref.version)
+        return True
+
+    def follow_alias(self) -> None:
+        """Check the alias every refresh_s seconds in a background thread (no-op for a fixed version)."""
+        if self.current.ref.alias is None or self.refresh_s <= 0:
+            return
+
+        def loop() -> None:
+            while True:
+                time.sleep(self.refresh_s)
+                try:
+                    self.refresh()
+                except Exception:  # noqa: BLE001 - keep serving the current model; try again later
+                    log.exception("could not refresh %s", self.model_uri)
+
+        threading.Thread(target=loop, name="fusionrec-follow-alias", daemon=True).start()
+
+    def answer(self, call: dict) -> dict:
+        """Dispatch one call {"method": ..., **arguments}; always returns a status and a body or an error."""
+        methods = {"predict": self.predict, "recommend": self.recommend, "recommend_new": self.recommend_new}
+        try:
+            method = methods[call.pop("method")]
+            return {"status": 200, "body": method(**call)}
+        except Rejected as exc:
+            return {"status": exc.status, "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - a bug must not take the batch down with it
+            log.exception("ranker failed on %s", call)
+            return {"status": 500, "error": f"internal error: {type(exc).__name__}"}
+
+    def predict(self, user_id: str, item_ids: list[str]) -> dict:
+        m = self.current
+        user = m.user_row(user_id)
+        rows = np.array([m.items.get(i, -1) for i in item_ids])
+        if (rows < 0).any():
+            first = int(np.argmax(rows < 0))
+            raise Rejected(404, f"item_ids[{first}]: unknown item {item_ids[first]!r}")
+        ratings = predict(m.model, np.full(len(rows), user), rows, m.scale)
+        return {"predictions": [{"item_id": i, "rating": float(r)} for i, r in zip(item_ids, ratings, strict=True)],
+                "model_version": m.ref.version}
+
+    def recommend(self, user_id: str, k: int, exclude_seen: bool = True) -> dict:
+        m = self.current
+        user = m.user_row(user_id)
+        scores = m.model.score_all(user).numpy().astype(np.float64)
+        if exclude_seen:
+            scores[m.seen[user]] = -np.inf
+        return m.top(scores, k)
+
+    def recommend_new(self, k: int, encoders: dict, vectors: dict, text: str | None = None,
+                      image: bytes | None = None, attributes: dict | None = None) -> dict:
+        """Rank for a user never seen: content encoded with `encoders` (stale if the model moved on)."""
+        m = self.current
+        if encoders != m.user_encoders():
+            raise Rejected(STALE, "model: changed while the request was being encoded; send it again")
+        content = {"structured": attribute_row(m.attributes, attributes or {})}
+        content.update({kind: vector for kind, vector in vectors.items() if vector is not None})
+        users = m.model.users
+        if text is not None and users.words.shape[1]:
+            content["words"] = bag_of_words([text])[0]
+        if image is not None and users.pixels.shape[1]:
+            from fusionrec.data.images import open_image
+
+            content["pixels"] = image_pixels(open_image(io.BytesIO(image)))
+        with torch.no_grad():
+            scores = m.model.score_all_for(users.row(**content)).numpy().astype(np.float64)
+        return m.top(scores, k)
+
+    def info(self) -> dict:
+        m = self.current
+        config = m.meta["model_config"]
+        encoder = m.attributes
+        return {"name": m.ref.name, "version": m.ref.version, "alias": m.ref.alias, "run_id": m.ref.run_id,
+                "model": config["model"], "variant": config["variant"], "objective": m.meta["objective"],
+                "dataset": m.meta.get("dataset"), "users": len(m.users), "items": len(m.items),
+                "training_metrics": m.metrics, "test_metrics": m.meta.get("test_metrics"),
+                "user_encoders": m.user_encoders(),
+                "attributes": {"categorical": encoder.categorical, "numeric": list(encoder.numeric)}}

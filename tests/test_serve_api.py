@@ -1,0 +1,201 @@
+"""The HTTP API over real HTTP (uvicorn on loopback), one process, no Ray: answers and every 4xx."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+import uvicorn
+from PIL import Image
+
+from fusionrec.data.validate import load_dataset
+from fusionrec.encoders.pipeline import _write
+from fusionrec.evaluate import index_ratings
+from fusionrec.models.bundle import save_bundle
+from fusionrec.models.content import build_side
+from fusionrec.models.nets import ModelConfig, build_model
+from fusionrec.serve.api import MAX_BODY_BYTES, plain_app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_features(shop, tiny_models, folder):
+    """Feature tables as `fusionrec encode` writes them, made with the tiny BERT / DINOv2 (random weights)."""
+    from fusionrec.encoders.base import ImageEncoder, TextEncoder
+
+    encoders = {"text": TextEncoder(str(tiny_models["bert"])), "image": ImageEncoder(str(tiny_models["dinov2"]))}
+    for side, id_column in (("users", "user_id"), ("items", "item_id")):
+        ids = pd.read_parquet(shop / f"{side}.parquet")[id_column]
+        for kind, encoder in encoders.items():
+            meta = {"encoder": encoder.name, "model": str(tiny_models["bert" if kind == "text" else "dinov2"]),
+                    "kind": kind, "dim": encoder.dim, "pooling": "cls"}
+            meta |= {"image_size": None} if kind == "image" else {}
+            embeddings = np.random.default_rng(0).normal(size=(len(ids), encoder.dim)).astype(np.float32)
+            frame = pd.DataFrame({"id": ids, "content_hash": "x", "mask": 1, "embedding": list(embeddings)})
+            _write(folder / f"{side}.{kind}.parquet", frame, encoder.dim, meta)
+    return folder
+
+
+def make_bundle(shop, features, folder, model="fusion"):
+    """An untrained model saved as a bundle (serving does not care how good it is)."""
+    from fusionrec.encoders.pipeline import feature_encoders
+
+    data = load_dataset(shop, check_images=False)
+    users = build_side(data.users, data.spec.users, "users", features)
+    items = build_side(data.items, data.spec.items, "items", features)
+    ratings = index_ratings(data, users.ids, items.ids)
+    net = build_model(users, items, ModelConfig(model=model, global_mean=3.0)).eval()
+    net.mark_seen(ratings["user_idx"].to_numpy(), ratings["item_idx"].to_numpy())
+    save_bundle(folder, net, users, items, {"dataset": "tiny", "rating_scale": [1, 5], "relevance_threshold": 4,
+                                           "objective": "rating", "split": "random", "seed": 0,
+                                           "encoders": feature_encoders(features)},
+                seen=ratings[["user_idx", "item_idx"]].to_numpy())
+    return folder, ratings
+
+
+@pytest.fixture(scope="module")
+def service(tiny_shop, tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    features = tiny_features(tiny_shop, tiny_models, root / "features")
+    bundle, ratings = make_bundle(tiny_shop, features, root / "bundle")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(plain_app(str(bundle)), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            requests.get(f"{url}/healthz", timeout=1)
+            break
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    yield {"url": url, "ratings": ratings, "shop": tiny_shop}
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def png(colour="red", size=(16, 16)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def post(service, path, body=None, **kwargs):
+    return requests.post(service["url"] + path, json=body, timeout=30, **kwargs)
+
+
+def test_health_model_and_docs(service):
+    assert requests.get(service["url"] + "/healthz").json() == {"status": "ok", "model_version": "local"}
+    info = requests.get(service["url"] + "/model").json()
+    assert info["version"] == "local" and info["model"] == "fusion" and info["users"] == 60 and info["items"] == 40
+    assert info["user_encoders"]["text"]["encoder"] == "tiny-bert"
+    assert set(info["attributes"]["categorical"]) and "age" in info["attributes"]["numeric"]
+    assert requests.get(service["url"] + "/docs").status_code == 200
+    assert "/recommend" in requests.get(service["url"] + "/openapi.json").json()["paths"]
+
+
+def test_predict_and_recommend_for_a_known_user(service):
+    ratings = service["ratings"]
+    user = ratings["user_id"].iloc[0]
+    seen = set(ratings.loc[ratings["user_id"] == user, "item_id"])
+    out = post(service, "/predict", {"user_id": user, "item_ids": ["i00001", "i00002"]})
+    assert out.status_code == 200, out.text
+    body = out.json()
+    assert [p["item_id"] for p in body["predictions"]] == ["i00001", "i00002"] and body["model_version"] == "local"
+    assert all(1 <= p["rating"] <= 5 for p in body["predictions"])
+
+    out = post(service, "/recommend", {"user_id": user, "k": 40}).json()
+    ids = [i["item_id"] for i in out["items"]]
+    assert len(ids) == 40 - len(seen) and not seen & set(ids)  # exclude_seen by default
+    scores = [i["score"] for i in out["items"]]
+    assert scores == sorted(scores, reverse=True)
+    every = post(service, "/recommend", {"user_id": user, "k": 40, "exclude_seen": False}).json()["items"]
+    assert len(every) == 40 and seen <= {i["item_id"] for i in every}
+    # the ranking agrees with /predict's ratings for the same pairs
+    predicted = post(service, "/predict", {"user_id": user, "item_ids": [i["item_id"] for i in every]}).json()
+    assert np.allclose([p["rating"] for p in predicted["predictions"]],
+                       np.clip([i["score"] for i in every], 1, 5), atol=1e-4)
+
+
+def test_recommend_for_a_new_user_from_text_image_or_attributes(service):
+    def recommend(user):
+        out = post(service, "/recommend", {"user": user, "k": 5})
+        assert out.status_code == 200, out.text
+        return [i["item_id"] for i in out.json()["items"]]
+
+    by_text = recommend({"text": "I love silk dresses for summer weddings"})
+    assert len(by_text) == 5
+    assert recommend({"text": "I love silk dresses for summer weddings"}) == by_text  # deterministic
+    assert len(recommend({"image": png()})) == 5
+    info = requests.get(service["url"] + "/model").json()
+    name, levels = next(iter(info["attributes"]["categorical"].items()))
+    assert len(recommend({"attributes": {name: levels[0], "age": 30}})) == 5
+
+
+@pytest.mark.parametrize("path, body, status, field", [
+    ("/predict", {"user_id": "nobody", "item_ids": ["i00001"]}, 404, "user_id"),
+    ("/predict", {"user_id": "u00001", "item_ids": ["i00001", "nothing"]}, 404, "item_ids[1]"),
+    ("/predict", {"user_id": "u00001", "item_ids": []}, 422, "item_ids"),
+    ("/predict", {"user_id": "u00001", "item_ids": ["i00001"] * 10_001}, 422, "item_ids"),
+    ("/predict", {"user_id": 7, "item_ids": ["i00001"]}, 422, "user_id"),
+    ("/predict", {"item_ids": ["i00001"]}, 422, "user_id"),
+    ("/predict", {"user_id": "u00001", "item_ids": ["i00001"], "extra": 1}, 422, "extra"),
+    ("/recommend", {"user_id": "nobody"}, 404, "user_id"),
+    ("/recommend", {"user_id": "u00001", "k": 0}, 422, "k"),
+    ("/recommend", {"user_id": "u00001", "k": 1001}, 422, "k"),
+    ("/recommend", {"user_id": "u00001", "k": "ten"}, 422, "k"),
+    ("/recommend", {"user_id": "u00001", "exclude_seen": "yes"}, 422, "exclude_seen"),
+    ("/recommend", {"k": 5}, 422, "user_id, user: give exactly one"),
+    ("/recommend", {"user_id": "u00001", "user": {"text": "x"}}, 422, "give exactly one"),
+    ("/recommend", {"user": {}}, 422, "user: give at least one"),
+    ("/recommend", {"user": {"image": "not base64!"}}, 422, "user.image"),
+    ("/recommend", {"user": {"image": base64.b64encode(b"not an image").decode()}}, 422, "user.image"),
+    ("/recommend", {"user": {"attributes": {"shoe_size": 3}}}, 422, "user.attributes.shoe_size"),
+    ("/recommend", {"user": {"attributes": {"age": "old"}}}, 422, "user.attributes.age"),
+    ("/recommend", {"user": {"attributes": {"age": True}}}, 422, "user.attributes.age"),
+    ("/recommend", {"user": {"text": 5}}, 422, "user.text"),
+])
+def test_bad_requests_get_a_4xx_naming_the_field(service, path, body, status, field):
+    out = post(service, path, body)
+    assert out.status_code == status, out.text
+    assert field in out.json()["error"]
+
+
+def test_unknown_attribute_values_malformed_json_big_images_and_bodies(service):
+    info = requests.get(service["url"] + "/model").json()
+    name = next(iter(info["attributes"]["categorical"]))
+    out = post(service, "/recommend", {"user": {"attributes": {name: "no-such-level"}}})
+    assert out.status_code == 422 and f"user.attributes.{name}" in out.json()["error"]
+
+    out = requests.post(service["url"] + "/recommend", data=b'{"user_id": ', timeout=10,
+                        headers={"content-type": "application/json"})
+    assert out.status_code == 400 and "invalid JSON" in out.json()["error"]
+
+    big = base64.b64encode(np.random.default_rng(0).bytes(5 * 1024**2 + 10)).decode()
+    out = post(service, "/recommend", {"user": {"image": big}})
+    assert out.status_code == 413 and "user.image" in out.json()["error"]
+
+    out = requests.post(service["url"] + "/predict", data=b"x" * (MAX_BODY_BYTES + 1), timeout=30,
+                        headers={"content-type": "application/json"})
+    assert out.status_code == 413 and "body" in out.json()["error"]
+
+    def chunks():  # no content-length: the limit is enforced while streaming
+        for _ in range(MAX_BODY_BYTES // 65536 + 2):
+            yield b" " * 65536
+
+    out = requests.post(service["url"] + "/predict", data=chunks(), timeout=30,
+                        headers={"content-type": "application/json"})
+    assert out.status_code == 413
+    assert requests.get(service["url"] + "/nowhere").json() == {"error": "Not Found"}
+    assert requests.get(service["url"] + "/predict").status_code == 405
