@@ -11,6 +11,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 DEMO_SHOP := $(FUSIONREC_HOME)/demo/shop
 DEMO_FEATURES := $(FUSIONREC_HOME)/demo/features
+DEMO_PORT ?= 8000
 
 .PHONY: install demo test lint clean
 
@@ -33,7 +34,9 @@ demo: install
 	$(BIN)/fusionrec models prepare
 	$(BIN)/fusionrec encode $(DEMO_SHOP) --out $(DEMO_FEATURES) --image-size 112
 	$(BIN)/fusionrec train $(DEMO_SHOP) --features $(DEMO_FEATURES) --epochs 10 --register
+	$(BIN)/python -m fusionrec.serve.demo --port $(DEMO_PORT)
 	@echo "demo shop at $(DEMO_SHOP) (hidden truth under 'truth:' in dataset.yaml), features at $(DEMO_FEATURES)"
+	@echo "serve it yourself: $(BIN)/fusionrec serve   (then http://127.0.0.1:8000/docs)"
 
 lint: install
 	$(BIN)/ruff check platform tests benchmarks jobs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -95,3 +96,68 @@ def local_ray():
     ensure_ray(num_cpus=2)
     yield
     ray.shutdown()
+
+
+def _tiny_features(shop, tiny_models, folder):
+    """Feature tables in the encode pipeline's format: random embeddings, with the tiny BERT / DINOv2
+    recorded as their encoders (so serving encodes cold-start payloads with those)."""
+    from fusionrec.encoders.base import ImageEncoder, TextEncoder
+    from fusionrec.encoders.pipeline import _write
+
+    encoders = {"text": TextEncoder(str(tiny_models["bert"])), "image": ImageEncoder(str(tiny_models["dinov2"]))}
+    for side, id_column in (("users", "user_id"), ("items", "item_id")):
+        ids = pd.read_parquet(shop / f"{side}.parquet")[id_column]
+        for kind, encoder in encoders.items():
+            meta = {"encoder": encoder.name, "model": str(tiny_models["bert" if kind == "text" else "dinov2"]),
+                    "kind": kind, "dim": encoder.dim, "pooling": "cls"}
+            meta |= {"image_size": None} if kind == "image" else {}
+            embeddings = np.random.default_rng(0).normal(size=(len(ids), encoder.dim)).astype(np.float32)
+            frame = pd.DataFrame({"id": ids, "content_hash": "x", "mask": 1, "embedding": list(embeddings)})
+            _write(folder / f"{side}.{kind}.parquet", frame, encoder.dim, meta)
+    return folder
+
+
+def _make_bundle(shop, features, folder, model="fusion"):
+    """An untrained model saved as a bundle (serving does not care how good it is)."""
+    from fusionrec.data.validate import load_dataset
+    from fusionrec.encoders.pipeline import feature_encoders
+    from fusionrec.evaluate import index_ratings
+    from fusionrec.models.bundle import save_bundle
+    from fusionrec.models.content import build_side
+    from fusionrec.models.nets import ModelConfig, build_model
+
+    data = load_dataset(shop, check_images=False)
+    users = build_side(data.users, data.spec.users, "users", features)
+    items = build_side(data.items, data.spec.items, "items", features)
+    ratings = index_ratings(data, users.ids, items.ids)
+    net = build_model(users, items, ModelConfig(model=model, global_mean=3.0)).eval()
+    net.mark_seen(ratings["user_idx"].to_numpy(), ratings["item_idx"].to_numpy())
+    save_bundle(folder, net, users, items, {"dataset": "tiny", "rating_scale": [1, 5], "relevance_threshold": 4,
+                                           "objective": "rating", "split": "random", "seed": 0,
+                                           "encoders": feature_encoders(features)},
+                seen=ratings[["user_idx", "item_idx"]].to_numpy())
+    return folder, ratings
+
+
+@pytest.fixture(scope="session")
+def served_bundles(tiny_shop, tiny_models, tmp_path_factory) -> dict:
+    """Two untrained model bundles over the tiny shop (fusion and svd), with feature tables made
+    by the tiny BERT / DINOv2 so cold-start payloads can be encoded; plus the indexed ratings."""
+    root = tmp_path_factory.mktemp("serve")
+    features = _tiny_features(tiny_shop, tiny_models, root / "features")
+    fusion, ratings = _make_bundle(tiny_shop, features, root / "fusion")
+    svd, _ = _make_bundle(tiny_shop, features, root / "svd", model="svd")
+    return {"fusion": fusion, "svd": svd, "ratings": ratings}
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function giving a TCP port on loopback that nothing listens on right now."""
+    import socket
+
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return pick

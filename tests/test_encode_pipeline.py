@@ -48,6 +48,19 @@ def test_tables_masks_and_metadata(shop, tiny_models, tmp_path):
     assert (out / "features.json").is_file()
 
 
+def test_an_image_column_empty_everywhere_needs_no_image_model(shop, tiny_models, tmp_path):
+    for side in ("users", "items"):
+        table = pd.read_parquet(shop / f"{side}.parquet")
+        table["image"] = None
+        table.to_parquet(shop / f"{side}.parquet", index=False)
+    out = tmp_path / "features"
+    cfg = EncodeConfig(cache=tmp_path / "cache", text_model=str(tiny_models["bert"]),
+                       image_model=str(tmp_path / "no-such-model"), batch_size=16, actors=2)
+    reports = encode_dataset(load_dataset(shop), out, cfg)
+    assert [r.line().split(":")[0] for r in reports] == ["users.text", "items.text"]
+    assert not feature_path(out, "users", "image").exists()
+
+
 def test_incremental_reencodes_exactly_the_changed_row(shop, tiny_models, tmp_path):
     out, cfg = tmp_path / "features", config(tiny_models, tmp_path)
     encode_dataset(load_dataset(shop), out, cfg)

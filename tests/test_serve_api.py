@@ -4,71 +4,21 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import threading
 import time
 
 import numpy as np
-import pandas as pd
 import pytest
 import requests
 import uvicorn
 from PIL import Image
 
-from fusionrec.data.validate import load_dataset
-from fusionrec.encoders.pipeline import _write
-from fusionrec.evaluate import index_ratings
-from fusionrec.models.bundle import save_bundle
-from fusionrec.models.content import build_side
-from fusionrec.models.nets import ModelConfig, build_model
 from fusionrec.serve.api import MAX_BODY_BYTES, plain_app
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tiny_features(shop, tiny_models, folder):
-    """Feature tables as `fusionrec encode` writes them, made with the tiny BERT / DINOv2 (random weights)."""
-    from fusionrec.encoders.base import ImageEncoder, TextEncoder
-
-    encoders = {"text": TextEncoder(str(tiny_models["bert"])), "image": ImageEncoder(str(tiny_models["dinov2"]))}
-    for side, id_column in (("users", "user_id"), ("items", "item_id")):
-        ids = pd.read_parquet(shop / f"{side}.parquet")[id_column]
-        for kind, encoder in encoders.items():
-            meta = {"encoder": encoder.name, "model": str(tiny_models["bert" if kind == "text" else "dinov2"]),
-                    "kind": kind, "dim": encoder.dim, "pooling": "cls"}
-            meta |= {"image_size": None} if kind == "image" else {}
-            embeddings = np.random.default_rng(0).normal(size=(len(ids), encoder.dim)).astype(np.float32)
-            frame = pd.DataFrame({"id": ids, "content_hash": "x", "mask": 1, "embedding": list(embeddings)})
-            _write(folder / f"{side}.{kind}.parquet", frame, encoder.dim, meta)
-    return folder
-
-
-def make_bundle(shop, features, folder, model="fusion"):
-    """An untrained model saved as a bundle (serving does not care how good it is)."""
-    from fusionrec.encoders.pipeline import feature_encoders
-
-    data = load_dataset(shop, check_images=False)
-    users = build_side(data.users, data.spec.users, "users", features)
-    items = build_side(data.items, data.spec.items, "items", features)
-    ratings = index_ratings(data, users.ids, items.ids)
-    net = build_model(users, items, ModelConfig(model=model, global_mean=3.0)).eval()
-    net.mark_seen(ratings["user_idx"].to_numpy(), ratings["item_idx"].to_numpy())
-    save_bundle(folder, net, users, items, {"dataset": "tiny", "rating_scale": [1, 5], "relevance_threshold": 4,
-                                           "objective": "rating", "split": "random", "seed": 0,
-                                           "encoders": feature_encoders(features)},
-                seen=ratings[["user_idx", "item_idx"]].to_numpy())
-    return folder, ratings
-
-
 @pytest.fixture(scope="module")
-def service(tiny_shop, tiny_models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    features = tiny_features(tiny_shop, tiny_models, root / "features")
-    bundle, ratings = make_bundle(tiny_shop, features, root / "bundle")
+def service(tiny_shop, served_bundles, free_port):
+    bundle, ratings = served_bundles["fusion"], served_bundles["ratings"]
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(plain_app(str(bundle)), host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -199,3 +149,28 @@ def test_unknown_attribute_values_malformed_json_big_images_and_bodies(service):
     assert out.status_code == 413
     assert requests.get(service["url"] + "/nowhere").json() == {"error": "Not Found"}
     assert requests.get(service["url"] + "/predict").status_code == 405
+
+
+def test_serve_config_parses_and_bad_configs_are_one_line_errors(tmp_path):
+    from pathlib import Path
+
+    from ray.serve.config import AutoscalingConfig
+
+    from fusionrec.serve.app import DEPLOYMENTS, read_config
+
+    config = read_config(Path("serve/config.yaml"))
+    assert set(config["deployments"]) == set(DEPLOYMENTS) and config["http"]["host"] == "127.0.0.1"
+    for options in config["deployments"].values():
+        AutoscalingConfig(**options["autoscaling_config"])
+    assert config["args"]["model_uri"] == "models:/fusionrec@champion"
+    bad = tmp_path / "bad.yaml"
+    negative = "applications: [{name: fusionrec, import_path: x:y, deployments: [{name: Ranker, num_replicas: -1}]}]"
+    for text, message in ((negative, "not a valid Serve"),
+                          ("applications: [{name: other, import_path: x:y}]", "no application named"),
+                          ("applications: [{name: fusionrec, import_path: x:y, deployments: [{name: Nope}]}]",
+                           "unknown deployment 'Nope'"),
+                          ("applications: [", "not a valid Serve")):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=message) as error:
+            read_config(bad)
+        assert "\n" not in str(error.value)

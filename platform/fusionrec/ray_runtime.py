@@ -17,8 +17,10 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
         return
-    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-             log_to_driver=False)
+    # address="local": a new local Ray even when `ray start` left a cluster running on this machine
+    # (ray.init() would join that one, and refuse num_cpus for it).
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             object_store_memory=LOCAL_OBJECT_STORE_BYTES, log_to_driver=False)
 
 
 def cluster_cpus() -> int:

@@ -120,8 +120,12 @@ def download(model_uri: str, dst: Path | None = None) -> Path:
 
     setup()
     dst = dst or Path(tempfile.mkdtemp(prefix="fusionrec-model-"))
-    local = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(dst))
-    return Path(local) / "artifacts" / "bundle"
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(dst)))
+    # pyfunc stores the bundle under artifacts/<the logged folder's name>
+    found = sorted((local / "artifacts").glob("*/bundle.json"))
+    if not found:
+        raise ValueError(f"{model_uri}: not a fusionrec model (no bundle.json in its artifacts)")
+    return found[0].parent
 
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")

@@ -239,8 +239,8 @@ def encode_dataset(dataset: Dataset, out: Path, cfg: EncodeConfig) -> list[Table
     for kind in KINDS:
         sides = {side: _contents(dataset, side, kind) for side in SIDES}
         sides = {side: frame for side, frame in sides.items() if frame is not None}
-        if not sides:
-            continue
+        if not any(frame["payload"].notna().any() or (frame["problem"] != "").any() for frame in sides.values()):
+            continue  # no column of this kind, or one that is empty everywhere: no model needed
         model, name, meta = _model_meta(kind, cfg)
         todo_parts = []
         for side, frame in sides.items():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from fusionrec.serve.api import build_api
@@ -31,7 +32,7 @@ def _quiet_torch(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-@serve.deployment(name="Ranker", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32)
+@serve.deployment(name="Ranker", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
 class RankerDeployment:
     def __init__(self, model_uri: str, refresh_s: float, tracking_uri: str | None, threads: int = 1):
         if tracking_uri:  # the driver's MLflow store, whatever this replica's environment says
@@ -50,7 +51,7 @@ class RankerDeployment:
         return self.ranker.info()
 
 
-@serve.deployment(name="Encoder", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=8)
+@serve.deployment(name="Encoder", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8)
 class EncoderDeployment:
     def __init__(self, cache: str | None, threads: int = 1):
         _quiet_torch(threads)
@@ -65,6 +66,15 @@ class EncoderDeployment:
         self.encoder.warm(encoders)
 
 
+async def _once_more_if_replica_died(method, *args):
+    """Every call here is read-only, so a call lost with a dying replica is safely sent again
+    (the router picks a live one): a replica crash costs latency, not failed requests."""
+    try:
+        return await method.remote(*args)
+    except RayActorError:
+        return await method.remote(*args)
+
+
 class HandleBackend:
     """serve/api.py's Backend over deployment handles."""
 
@@ -72,13 +82,13 @@ class HandleBackend:
         self.encoder, self.ranker = encoder, ranker
 
     async def rank(self, call: dict) -> dict:
-        return await self.ranker.rank.remote(call)
+        return await _once_more_if_replica_died(self.ranker.rank, call)
 
     async def encode(self, encoders: dict, text: str | None, image: bytes | None) -> dict:
-        return await self.encoder.encode.remote(encoders, text, image)
+        return await _once_more_if_replica_died(self.encoder.encode, encoders, text, image)
 
     async def info(self) -> dict:
-        return await self.ranker.info.remote()
+        return await _once_more_if_replica_died(self.ranker.info)
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
@@ -90,15 +100,17 @@ class Ingress:
     def __serve_build_asgi_app__(self):
         return build_api(self.backend)
 
-    async def check_health(self) -> None:
-        await self.backend.info()  # unhealthy until the ranker answers
 
-
-def build(args: dict, options: dict[str, dict] | None = None) -> serve.Application:
+def build(args: dict) -> serve.Application:
     """The application builder (`serve deploy` / `serve run fusionrec.serve.app:build`). `args`:
     model_uri, refresh_s (alias polling), tracking_uri (MLflow; default this process's), cache
-    (the encoder cache), threads (torch threads per replica). `options`: per-deployment overrides
-    (autoscaling_config, ray_actor_options, ...), as in serve/config.yaml."""
+    (the encoder cache), threads (torch threads per replica). Serve applies the config's
+    per-deployment settings itself."""
+    return application(args)
+
+
+def application(args: dict, options: dict[str, dict] | None = None) -> serve.Application:
+    """The deployment graph; `options` are per-deployment overrides (autoscaling_config, ...)."""
     from fusionrec import registry
 
     options = options or {}
@@ -111,9 +123,9 @@ def build(args: dict, options: dict[str, dict] | None = None) -> serve.Applicati
 
 
 def read_config(path: Path | None) -> dict:
-    """serve/config.yaml (Serve's own deploy schema, checked by it) as {"http", "args", "deployments"}."""
+    """serve/config.yaml (Serve's own deploy schema, checked by it) as {"http", "args", "deployments", "logging"}."""
     if path is None:
-        return {"http": {}, "args": {}, "deployments": {}}
+        return {"http": {}, "args": {}, "deployments": {}, "logging": None}
     from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
 
@@ -131,7 +143,8 @@ def read_config(path: Path | None) -> dict:
             raise ValueError(f"{path}: unknown deployment {deployment.get('name')!r} "
                              f"(expected {', '.join(DEPLOYMENTS)})")
         deployments[deployment["name"]] = {k: v for k, v in deployment.items() if k != "name"}
-    return {"http": raw.get("http_options", {}), "args": apps[0].args or {}, "deployments": deployments}
+    return {"http": raw.get("http_options", {}), "args": apps[0].args or {}, "deployments": deployments,
+            "logging": raw["applications"][schema.applications.index(apps[0])].get("logging_config")}
 
 
 def start(model_uri: str | None = None, host: str | None = None, port: int | None = None,
@@ -148,7 +161,8 @@ def start(model_uri: str | None = None, host: str | None = None, port: int | Non
             "port": port or settings["http"].get("port", 8000)}
     ensure_ray()
     serve.start(http_options=http)
-    serve.run(build(args, settings["deployments"]), name=APP_NAME, route_prefix="/")  # returns once healthy
+    serve.run(application(args, settings["deployments"]), name=APP_NAME, route_prefix="/",  # returns once healthy
+              logging_config=settings["logging"])
     info = serve.get_deployment_handle("Ranker", APP_NAME).info.remote().result()
     serve.get_deployment_handle("Encoder", APP_NAME).warm.remote(info["user_encoders"])  # ahead of the first new user
     return info

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -28,21 +29,26 @@ class PayloadEncoder:
     def __init__(self, cache: Path | None = None):
         self.cache = Path(cache) if cache else state_folder() / "models"
         self._loaded: dict[str, Encoder] = {}
+        # Serve calls us from several threads; loading a model (and transformers' lazy imports) is not thread-safe.
+        self._loading = threading.Lock()
 
     def _encoder(self, spec: dict) -> Encoder:
         key = json.dumps(spec, sort_keys=True)
-        if key not in self._loaded:
-            alias = spec["encoder"]
-            # The default encoders are found by alias (their files live under this machine's cache);
-            # any other was recorded by its path.
-            model = resolve_model(alias, self.cache) if alias in (DEFAULT_TEXT_MODEL, DEFAULT_IMAGE_MODEL) \
-                else spec["model"]
-            if spec["kind"] == "text":
-                self._loaded[key] = TextEncoder(model, pooling=spec["pooling"], name=alias)
-            else:
-                self._loaded[key] = ImageEncoder(model, pooling=spec["pooling"], image_size=spec.get("image_size"),
-                                                 name=alias)
-        return self._loaded[key]
+        with self._loading:
+            return self._loaded[key] if key in self._loaded else self._load(key, spec)
+
+    def _load(self, key: str, spec: dict) -> Encoder:
+        alias = spec["encoder"]
+        # The default encoders are found by alias (their files live under this machine's cache);
+        # any other was recorded by its path.
+        default = alias in (DEFAULT_TEXT_MODEL, DEFAULT_IMAGE_MODEL)
+        model = resolve_model(alias, self.cache) if default else spec["model"]
+        if spec["kind"] == "text":
+            encoder = TextEncoder(model, pooling=spec["pooling"], name=alias)
+        else:
+            encoder = ImageEncoder(model, pooling=spec["pooling"], image_size=spec.get("image_size"), name=alias)
+        self._loaded[key] = encoder
+        return encoder
 
     def warm(self, encoders: dict[str, dict | None]) -> None:
         """Load the encoders ahead of the first cold-start request."""

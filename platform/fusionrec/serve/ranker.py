@@ -149,8 +149,8 @@ class Ranker:
         """Dispatch one call {"method": ..., **arguments}; always returns a status and a body or an error."""
         methods = {"predict": self.predict, "recommend": self.recommend, "recommend_new": self.recommend_new}
         try:
-            method = methods[call.pop("method")]
-            return {"status": 200, "body": method(**call)}
+            arguments = {name: value for name, value in call.items() if name != "method"}
+            return {"status": 200, "body": methods[call["method"]](**arguments)}
         except Rejected as exc:
             return {"status": exc.status, "error": str(exc)}
         except Exception as exc:  # noqa: BLE001 - a bug must not take the batch down with it
