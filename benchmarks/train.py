@@ -7,6 +7,7 @@ workers splitting them). Prints steady-state samples/s (the last epoch) of each 
 plus Ray's end-to-end wall time including worker start-up.
 
     .venv/bin/python benchmarks/train.py [--users 2000 --items 1000 --density 0.15 --epochs 3 --workers 1]
+    .venv/bin/python benchmarks/train.py --nodes 2     # also on a local 2-node cluster: the scaling
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import typer
 
+from fusionrec.cluster import LocalCluster
 from fusionrec.data.synth import SynthConfig, generate
 from fusionrec.models.nets import ModelConfig, build_model
 from fusionrec.ray_runtime import ensure_ray
@@ -53,7 +55,9 @@ def plain_loop(cfg: TrainConfig, prepared) -> float:
 
 
 def main(users: int = 2000, items: int = 1000, density: float = 0.15, epochs: int = 3, workers: int = 1,
-         batch_size: int = 256) -> None:
+         batch_size: int = 256, nodes: int = 1) -> None:
+    """--nodes N > 1: also train on a local N-node cluster (one worker a node, the CPUs split
+    between nodes) and print its samples/s against the single local Ray's."""
     with tempfile.TemporaryDirectory() as tmp:
         generate(SynthConfig(users=users, items=items, density=density, seed=0, images=False), Path(tmp) / "shop")
         cfg = TrainConfig(dataset=str(Path(tmp) / "shop"), epochs=epochs, batch_size=batch_size, workers=workers)
@@ -61,15 +65,33 @@ def main(users: int = 2000, items: int = 1000, density: float = 0.15, epochs: in
         n = len(prepared.split.train)
         plain = plain_loop(cfg, prepared)
         ensure_ray()
-        start = time.perf_counter()
-        _, saved = fit(cfg, prepared, Path(tmp) / "ray")
-        wall = time.perf_counter() - start
-        ray_rate = saved["metrics"]["samples_per_s"] * workers  # each worker reports its own shard's rate
+        ray_rate, wall = ray_train(cfg, prepared, Path(tmp) / "ray")
         print(f"{n:,} training ratings, batch {batch_size}, {epochs} epochs, {workers} Ray worker(s)")
         print(f"plain PyTorch loop: {plain:,.0f} samples/s; Ray Train: {ray_rate:,.0f} samples/s; "
               f"ratio {ray_rate / plain:.2f}")
         print(f"Ray Train end to end (worker start-up, data, {epochs} epochs): {wall:.1f}s = "
               f"{n * epochs / wall:,.0f} samples/s")
+        if nodes > 1:
+            import ray
+
+            ray.shutdown()
+            cpus = max(1, (os.cpu_count() or 1) // nodes)
+            with LocalCluster(nodes=nodes, cpus_per_node=cpus) as address:
+                os.environ["RAY_ADDRESS"] = address
+                cluster_cfg = replace(cfg, workers=nodes)
+                cluster_rate, cluster_wall = ray_train(cluster_cfg, prepared, Path(tmp) / "ray-cluster")
+                ray.shutdown()
+                del os.environ["RAY_ADDRESS"]
+            print(f"local {nodes}-node cluster ({cpus} CPU a node, {nodes} workers, DDP): {cluster_rate:,.0f} "
+                  f"samples/s, {cluster_rate / ray_rate:.2f}x the single local Ray; end to end {cluster_wall:.1f}s")
+
+
+def ray_train(cfg: TrainConfig, prepared, storage: Path) -> tuple[float, float]:
+    """(steady-state samples/s over all workers, wall seconds end to end) of one `fit`."""
+    start = time.perf_counter()
+    _, saved = fit(cfg, prepared, storage)
+    wall = time.perf_counter() - start
+    return saved["metrics"]["samples_per_s"] * cfg.workers, wall  # each worker reports its own shard's rate
 
 
 if __name__ == "__main__":
