@@ -133,6 +133,9 @@ def test_full_ranking_by_hand():
     assert out["hr@2"] == 1.0 and out["precision@2"] == 0.5 and out["recall@2"] == 0.5
     assert out["ndcg@2"] == pytest.approx(1.0 / (1.0 + 1.0 / np.log2(3)))
     assert out["map@2"] == pytest.approx((1.0 / 1) / 2)
+    assert out["map_all@2"] == pytest.approx((1.0 / 1) / 2)  # 2 relevant items, min(2, 2) = 2 as well
+    more = full_ranking(model, train, pd.DataFrame({"user_idx": [0] * 3, "item_idx": [1, 3, 4]}), k=2)
+    assert more["map@2"] == pytest.approx(1.0 / 2) and more["map_all@2"] == pytest.approx(1.0 / 3)
 
 
 def test_cnn_reads_raw_pixels(tiny_shop):

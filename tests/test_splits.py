@@ -6,7 +6,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fusionrec.data.splits import cold_start_split, kfold, leave_one_out, random_split, sample_negatives
+from fusionrec.data.splits import (
+    SPLITS,
+    cold_start_split,
+    kfold,
+    leave_one_out,
+    random_split,
+    sample_negatives,
+    split_by_name,
+    stratified_split,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +43,46 @@ def test_random_split_is_70_10_20_and_seeded(ratings):
                                                                           n - round(0.7 * n) - round(0.1 * n))
     assert np.array_equal(random_split(n, seed=1).test, split.test)
     assert not np.array_equal(random_split(n, seed=2).test, split.test)
+
+
+def test_stratified_split_holds_out_a_quarter_of_every_user(ratings):
+    split = stratified_split(ratings, seed=0)
+    assert_partition(split, len(ratings))
+    counts = ratings["user_id"].value_counts()
+    parts = {name: ratings.iloc[getattr(split, name)]["user_id"].value_counts().reindex(counts.index, fill_value=0)
+             for name in ("train", "validation", "test")}
+    assert (parts["test"] == (0.25 * counts).round().clip(lower=1)).all()  # every user here has >= 2
+    assert (parts["validation"] == (0.05 * counts).round()).all()
+    assert (parts["train"] >= 1).all() and (parts["test"] >= 1).all()
+    assert 0.24 < len(split.test) / len(ratings) < 0.26
+    # no leakage: a (user, item) pair is in one part only, and the rows are the original ones
+    keys = [set(map(tuple, ratings.iloc[getattr(split, name)][["user_id", "item_id"]].to_numpy()))
+            for name in ("train", "validation", "test")]
+    assert not (keys[0] & keys[2] or keys[1] & keys[2] or keys[0] & keys[1])
+
+
+def test_stratified_split_is_seeded_and_registered(ratings):
+    split = stratified_split(ratings, seed=4)
+    assert np.array_equal(stratified_split(ratings, seed=4).test, split.test)
+    assert np.array_equal(stratified_split(ratings.copy(), seed=4).validation, split.validation)
+    assert not np.array_equal(stratified_split(ratings, seed=5).test, split.test)
+    assert "stratified" in SPLITS and np.array_equal(split_by_name(ratings, "stratified", seed=4).test, split.test)
+
+
+def test_stratified_split_small_users():
+    # a: 1 rating (train only); b: 2 ratings (1 train, 1 test); c: 3 ratings (test 1, validation 0, train 2)
+    frame = pd.DataFrame({"user_id": ["a", "b", "b", "c", "c", "c"], "item_id": list("xxyxyz")})
+    for seed in range(5):
+        split = stratified_split(frame, test=0.25, validation=0.05, seed=seed)
+        assert_partition(split, len(frame))
+        users = frame["user_id"].to_numpy()
+        assert sorted(users[split.test]) == ["b", "c"] and len(split.validation) == 0
+        assert sorted(users[split.train]) == ["a", "b", "c", "c"]
+    # a large validation fraction still leaves one training rating per user
+    split = stratified_split(frame, test=0.4, validation=0.55, seed=0)
+    assert set(frame["user_id"].to_numpy()[split.train]) == {"a", "b", "c"}
+    with pytest.raises(ValueError):
+        stratified_split(frame, test=0.8, validation=0.3)
 
 
 def test_kfold_test_parts_cover_every_rating_once(ratings):

@@ -99,3 +99,25 @@ def test_cli_train_rejects_bad_options(home, tiny_shop):
     assert result.exit_code == 1 and "unknown model 'bert4rec'" in result.stderr
     result = runner.invoke(app, ["train", str(tiny_shop), "--split", "weird"])
     assert result.exit_code == 1 and "unknown split 'weird'" in result.stderr
+
+
+def test_id_l2_defaults_per_objective():
+    from fusionrec.train import ID_L2
+
+    assert TrainConfig(dataset="d").id_l2 == ID_L2["rating"] == 3e-2  # the rating objective is unchanged
+    assert TrainConfig(dataset="d", objective="implicit").id_l2 == ID_L2["implicit"] < 1e-3
+    assert TrainConfig(dataset="d", objective="implicit", id_l2=0.5).id_l2 == 0.5
+    with pytest.raises(ValueError, match="id_l2"):
+        TrainConfig(dataset="d", id_l2=-1.0).check()
+
+
+def test_stratified_implicit_run_evaluates_under_the_full_protocol(home, tiny_shop):
+    from fusionrec.evaluate import evaluate_bundle
+    from fusionrec.registry import download
+
+    result = train(TrainConfig(dataset=str(tiny_shop), epochs=1, batch_size=64, split="stratified",
+                               objective="implicit", model=ModelConfig(model="neumf")))
+    assert result.metrics["mse"] is None and result.model_uri
+    out = evaluate_bundle(tiny_shop, download(result.model_uri), "full", 10)
+    assert {"ndcg@10", "precision@10", "recall@10", "map@10", "map_all@10"} <= set(out)
+    assert 0 <= out["map_all@10"] <= out["map@10"] <= 1 and out["users"] > 0

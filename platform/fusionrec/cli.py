@@ -225,7 +225,8 @@ def train(
     objective: Annotated[str, typer.Option(help="rating (MSE on stars) or implicit (BCE, sampled negatives).")]
     = "rating",
     workers: Annotated[int, typer.Option(help="Ray Train workers (DDP).")] = 1,
-    split: Annotated[str, typer.Option(help="random (70/10/20), cold-start or loo.")] = "random",
+    split: Annotated[str, typer.Option(help="random (70/10/20), stratified (75/25 per user), cold-start or loo.")]
+    = "random",
     seed: Annotated[int, typer.Option(help="Seed for the split and the initialisation.")] = 0,
     register: Annotated[bool, typer.Option(help="Register in MLflow; promote to champion if better.")] = False,
 ) -> None:

@@ -1,8 +1,11 @@
 """Scoring a trained model under one protocol for every model (RecBole-style).
 
 - candidate: rank each user's test items by predicted rating (the paper's protocol; `metrics.py`).
-- full: rank every item the user did not rate in training; all of the user's test items are
-  relevant (the Microsoft Recommenders protocol): HR, Precision, Recall, NDCG, MAP at K.
+- full: rank every item the user did not rate in training (train + validation); all of the user's
+  test items are relevant (the Microsoft Recommenders protocol): HR, Precision, Recall, NDCG, MAP at K.
+  Two MAPs: `map@K` divides each user's sum of precisions at the hits by min(K, relevant items)
+  (recommenders' `map_at_k` since 1.2); `map_all@K` by the number of relevant items (recommenders'
+  `map`, which is what its `map_at_k` computed before 1.2 and what its published benchmark table shows).
 - ncf: leave-one-out; the held-out item ranked against 99 sampled never-rated items: HR/NDCG@K.
 """
 
@@ -66,11 +69,12 @@ def candidate(model: Recommender, test: pd.DataFrame, scale, k: int, threshold: 
 
 @torch.no_grad()
 def full_ranking(model: Recommender, train: pd.DataFrame, test: pd.DataFrame, k: int) -> dict:
-    """Top-k over all items not rated in training, per test user; every test item is relevant."""
+    """Top-k over all items not rated in `train` (pass train + validation), per test user; every test
+    item is relevant."""
     seen = train.groupby("user_idx")["item_idx"].agg(list).to_dict()
     relevant = test.groupby("user_idx")["item_idx"].agg(set)
     discounts = 1.0 / np.log2(np.arange(2, k + 2))
-    hits_at = {"hr": [], "precision": [], "recall": [], "ndcg": [], "map": []}
+    hits_at = {"hr": [], "precision": [], "recall": [], "ndcg": [], "map": [], "map_all": []}
     for user, truth in relevant.items():
         scores = model.score_all(int(user)).float().numpy()
         scores[seen.get(user, [])] = -np.inf
@@ -84,6 +88,7 @@ def full_ranking(model: Recommender, train: pd.DataFrame, test: pd.DataFrame, k:
         hits_at["ndcg"].append(float((hit * discounts[:len(hit)]).sum() / ideal))
         precision_at = np.cumsum(hit) / np.arange(1, len(hit) + 1)
         hits_at["map"].append(float((precision_at * hit).sum() / min(len(truth), k)))
+        hits_at["map_all"].append(float((precision_at * hit).sum() / len(truth)))
     return {f"{name}@{k}": float(np.mean(v)) for name, v in hits_at.items()} | {"users": len(relevant)}
 
 
@@ -116,7 +121,7 @@ def evaluate_bundle(dataset_path: Path, bundle: Path, protocol: str = "candidate
     if protocol == "candidate":
         return candidate(model, test, tuple(meta["rating_scale"]), k, meta["relevance_threshold"], meta["objective"])
     if protocol == "full":
-        return full_ranking(model, ratings.iloc[split.train], test, k)
+        return full_ranking(model, ratings.iloc[np.concatenate([split.train, split.validation])], test, k)
     if meta["split"] != "loo":
         raise ValueError("the ncf protocol needs a model trained with --split loo")
     return ncf(model, ratings, test, n_items, k=k, seed=meta["seed"])

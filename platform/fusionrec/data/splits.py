@@ -2,6 +2,8 @@
 
 - `random_split`: ratings shuffled and cut 70/10/20 (the paper's 7:2 plus a validation part).
 - `kfold`: k disjoint test folds covering every rating once.
+- `stratified_split`: per user, 75 % of the ratings to train and 25 % to test (the Microsoft
+  Recommenders protocol), with a validation slice carved from each user's train part.
 - `cold_start_split`: whole users and whole items held out, so none of them is seen in training.
 - `leave_one_out`: each user's latest rating is the test (the NCF protocol), with
   `sample_negatives` drawing the items a user never rated to rank it against.
@@ -45,6 +47,37 @@ def kfold(n_ratings: int, k: int = 5, seed: int = 0) -> list[Split]:
         Split(np.sort(np.concatenate(folds[:i] + folds[i + 1:])), EMPTY, np.sort(fold))
         for i, fold in enumerate(folds)
     ]
+
+
+def stratified_split(
+    ratings: pd.DataFrame,
+    user_col: str = "user_id",
+    test: float = 0.25,
+    validation: float = 0.05,
+    seed: int = 0,
+) -> Split:
+    """Per user (as Microsoft Recommenders' `python_stratified_split(filter_by="user")`): shuffle
+    the user's n ratings and hold out round(test * n) of them for test, but always keep at least one
+    in train and, when n >= 2, put at least one in test. Then round(validation * n) of the user's
+    remaining ratings go to validation while at least one stays in train; so train + validation is
+    the 75 % that Microsoft Recommenders trains on, and validation only picks the best epoch.
+    Users with a single rating keep it in train."""
+    if min(validation, test) < 0 or validation + test >= 1:
+        raise ValueError("validation and test fractions must be non-negative and sum to below 1")
+    rng = np.random.default_rng(seed)
+    users = ratings[user_col].to_numpy()
+    order = np.lexsort((rng.random(len(users)), users))  # grouped by user, shuffled within each
+    sorted_users = users[order]
+    starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
+    counts = np.diff(np.r_[starts, len(users)])
+    rank = np.arange(len(users)) - np.repeat(starts, counts)  # position within the user's shuffle
+    n = np.repeat(counts, counts)
+    n_test = np.where(n >= 2, np.clip(np.round(test * n), 1, n - 1), 0)
+    n_validation = np.clip(np.round(validation * n), 0, np.maximum(n - n_test - 1, 0))
+    in_test = rank < n_test
+    in_validation = ~in_test & (rank < n_test + n_validation)
+    in_train = ~in_test & ~in_validation
+    return Split(np.sort(order[in_train]), np.sort(order[in_validation]), np.sort(order[in_test]))
 
 
 def _hold_out(ids: pd.Series, validation: float, test: float, rng: np.random.Generator) -> tuple[set, set]:
@@ -116,13 +149,16 @@ def sample_negatives(
     return negatives
 
 
-SPLITS = ("random", "cold-start", "loo")
+SPLITS = ("random", "stratified", "cold-start", "loo")
 
 
 def split_by_name(ratings: pd.DataFrame, name: str, seed: int = 0) -> Split:
-    """The split a training run names: `random`, `cold-start` or `loo` (ratings need user_id, item_id)."""
+    """The split a training run names: `random`, `stratified`, `cold-start` or `loo` (ratings need
+    user_id, item_id)."""
     if name == "random":
         return random_split(len(ratings), seed=seed)
+    if name == "stratified":
+        return stratified_split(ratings, seed=seed)
     if name == "cold-start":
         return cold_start_split(ratings, seed=seed)
     if name == "loo":

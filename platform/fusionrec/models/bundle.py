@@ -3,8 +3,8 @@
     model.pt      the state dict (weights, and both sides' content matrices as buffers)
     bundle.json   model config, id maps, structured encoders, text/image encoders used for the
                   features, rating scale, split and objective
-    seen.npy      [n, 2] int32 (user row, item row) pairs of the training split: what serving
-                  leaves out of a user's recommendations
+    seen.npy      [n, 2] int32 (user row, item row) pairs of the training and validation split:
+                  what serving leaves out of a user's recommendations
 """
 
 from __future__ import annotations
