@@ -121,3 +121,18 @@ def test_stratified_implicit_run_evaluates_under_the_full_protocol(home, tiny_sh
     out = evaluate_bundle(tiny_shop, download(result.model_uri), "full", 10)
     assert {"ndcg@10", "precision@10", "recall@10", "map@10", "map_all@10"} <= set(out)
     assert 0 <= out["map_all@10"] <= out["map@10"] <= 1 and out["users"] > 0
+
+
+def test_epoch_progress_follows_the_logged_epochs(home):
+    import mlflow
+
+    from fusionrec import registry
+    from fusionrec.train import EpochProgress
+
+    registry.setup()
+    with mlflow.start_run() as run:
+        with EpochProgress(run.info.run_id, epochs=5, every_s=0.05) as progress:
+            for epoch, loss in enumerate([0.9, 0.8, 0.85]):
+                mlflow.log_metric("val_loss", loss, step=epoch)
+            mlflow.log_metric("val_loss", 0.7, step=1)  # a resumed run logs epoch 1 again
+    assert progress.bar.n == 3 and not progress.thread.is_alive()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -191,6 +192,43 @@ def _log_epoch(mlflow_target: dict | None, metrics: dict) -> None:
         client.log_metric(mlflow_target["run_id"], name, metrics[name], step=metrics["epoch"])
 
 
+class EpochProgress:
+    """A progress bar over epochs in this process, fed by the per-epoch metrics that the rank-0
+    worker logs to MLflow (worker output is not forwarded here). A run resumed after a failure
+    logs some epochs again: the bar stays at the furthest epoch logged."""
+
+    def __init__(self, run_id: str, epochs: int, every_s: float = 1.0):
+        from tqdm import tqdm
+
+        self.run_id, self.every_s = run_id, every_s
+        self.bar = tqdm(total=epochs, desc="training", unit="epoch", disable=None)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._follow, name="fusionrec-epoch-progress", daemon=True)
+
+    def _update(self) -> None:
+        from mlflow import MlflowClient
+
+        history = MlflowClient().get_metric_history(self.run_id, "val_loss")
+        if history:
+            last = max(history, key=lambda m: (m.step, m.timestamp))
+            self.bar.n = last.step + 1
+            self.bar.set_postfix(val_loss=f"{last.value:.4f}")  # (also redraws the bar)
+
+    def _follow(self) -> None:
+        while not self.stopping.wait(self.every_s):
+            self._update()
+
+    def __enter__(self) -> EpochProgress:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        self.thread.join()
+        self._update()
+        self.bar.close()
+
+
 @dataclass
 class TrainResult:
     metrics: dict
@@ -287,7 +325,8 @@ def train(cfg: TrainConfig, register: bool = False, crash_at_epoch: int | None =
                            "features": cfg.features, **{f"model.{k}": v for k, v in asdict(cfg.model).items()},
                            **{k: v for k, v in asdict(cfg).items() if k not in ("model", "dataset", "features")}})
         target = {"uri": registry.tracking_uri(), "run_id": run.info.run_id}
-        model, saved = fit(cfg, prepared, storage, target, crash_at_epoch)
+        with EpochProgress(run.info.run_id, cfg.epochs):
+            model, saved = fit(cfg, prepared, storage, target, crash_at_epoch)
         best = saved["best"]
         spec = prepared.dataset.spec
         scale = (spec.rating_min, spec.rating_max)
