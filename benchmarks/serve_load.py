@@ -195,6 +195,11 @@ def main(clients: int = 32, seconds: float = 60, idle: float = 45, sequential_re
     asyncio.run(closed_loop(base, known, item_ids, clients, seconds, serve_load,
                             during=lambda t0: watch_replicas(timeline, t0, seconds)))
     print(line(f"  {clients} clients, mix", serve_load.summary()))
+    peak = max(n for _, n in timeline)
+    scaled = min(t for t, n in timeline if n == peak)  # seconds into the load when the replicas peaked
+    load_start = min(r[0] - r[1] for r in serve_load.rows)
+    print(line(f"    of which after scaling up to {peak} rankers ({scaled:.0f} s in)",
+               serve_load.summary(since=load_start + scaled)))
     t0 = time.monotonic()
     asyncio.run(watch_replicas(timeline, t0 - seconds, seconds + idle))  # the idle tail, same clock
     print("  ranker replicas (s: n): " + ", ".join(f"{t:.0f}: {n}" for t, n in timeline))

@@ -174,3 +174,19 @@ def test_serve_config_parses_and_bad_configs_are_one_line_errors(tmp_path):
         with pytest.raises(ValueError, match=message) as error:
             read_config(bad)
         assert "\n" not in str(error.value)
+
+
+def test_cli_serve_fails_in_one_line_without_a_model_or_config(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from fusionrec.cli import app
+
+    monkeypatch.setenv("FUSIONREC_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")  # undone afterwards
+    for args, message in ((["serve", "--plain"], "no such registered model version"),
+                          (["serve"], "no such registered model version"),
+                          (["serve", "--model-uri", "models:/fusionrec"], "expected models:/NAME@ALIAS"),
+                          (["serve", "--config", str(tmp_path / "missing.yaml")], "no such Serve config")):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1, (args, result.output)
+        assert message in result.output and "Traceback" not in result.output

@@ -291,9 +291,10 @@ def serve(
     if plain:
         import uvicorn
 
+        from fusionrec.registry import CHAMPION_URI
         from fusionrec.serve.api import plain_app
 
-        uvicorn.run(plain_app(model_uri or "models:/fusionrec@champion"), host=host or "127.0.0.1",
+        uvicorn.run(plain_app(model_uri or CHAMPION_URI), host=host or "127.0.0.1",
                     port=port or 8000, log_level="warning")
         return
     from fusionrec.serve import app as serve_app

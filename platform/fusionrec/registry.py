@@ -19,6 +19,7 @@ MODEL_NAME = "fusionrec"
 CHAMPION = "champion"
 EXPERIMENT = "fusionrec"
 SELECTION_METRIC = "val_mse"
+CHAMPION_URI = f"models:/{MODEL_NAME}@{CHAMPION}"
 
 
 def default_tracking_uri() -> str:

@@ -19,14 +19,14 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
+from fusionrec.registry import CHAMPION_URI
 from fusionrec.serve.api import build_api
 
 APP_NAME = "fusionrec"
-DEFAULT_MODEL_URI = "models:/fusionrec@champion"
 DEPLOYMENTS = ("Ingress", "Encoder", "Ranker")
 
 
-def _quiet_torch(threads: int) -> None:
+def _torch_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -37,7 +37,7 @@ class RankerDeployment:
     def __init__(self, model_uri: str, refresh_s: float, tracking_uri: str | None, threads: int = 1):
         if tracking_uri:  # the driver's MLflow store, whatever this replica's environment says
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-        _quiet_torch(threads)
+        _torch_threads(threads)
         from fusionrec.serve.ranker import Ranker
 
         self.ranker = Ranker(model_uri, refresh_s)
@@ -54,7 +54,7 @@ class RankerDeployment:
 @serve.deployment(name="Encoder", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8)
 class EncoderDeployment:
     def __init__(self, cache: str | None, threads: int = 1):
-        _quiet_torch(threads)
+        _torch_threads(threads)
         from fusionrec.serve.encoding import PayloadEncoder
 
         self.encoder = PayloadEncoder(Path(cache) if cache else None)
@@ -116,7 +116,7 @@ def application(args: dict, options: dict[str, dict] | None = None) -> serve.App
     options = options or {}
     threads = int(args.get("threads", 1))
     ranker = RankerDeployment.options(**options.get("Ranker", {})).bind(
-        str(args.get("model_uri", DEFAULT_MODEL_URI)), float(args.get("refresh_s", 5.0)),
+        str(args.get("model_uri", CHAMPION_URI)), float(args.get("refresh_s", 5.0)),
         args.get("tracking_uri") or registry.tracking_uri(), threads)
     encoder = EncoderDeployment.options(**options.get("Encoder", {})).bind(args.get("cache"), threads)
     return Ingress.options(**options.get("Ingress", {})).bind(encoder, ranker)
@@ -156,7 +156,7 @@ def start(model_uri: str | None = None, host: str | None = None, port: int | Non
 
     settings = read_config(config)
     args = {**settings["args"], **({"model_uri": model_uri} if model_uri else {})}
-    registry.resolve(str(args.get("model_uri", DEFAULT_MODEL_URI)))  # fail here, in one line, if it does not exist
+    registry.resolve(str(args.get("model_uri", CHAMPION_URI)))  # fail here, in one line, if it does not exist
     http = {"host": host or settings["http"].get("host", "127.0.0.1"),
             "port": port or settings["http"].get("port", 8000)}
     ensure_ray()
