@@ -222,7 +222,8 @@ def build_api(backend: Backend) -> FastAPI:
             return answer(await backend.rank({"method": "recommend", "user_id": request.user_id, "k": request.k,
                                               "exclude_seen": request.exclude_seen}))
         user = request.user
-        image = _decode_image(user.image) if user.image is not None else None
+        # decoding a large image takes a while: off the event loop, which other requests share
+        image = await asyncio.to_thread(_decode_image, user.image) if user.image is not None else None
         for attempt in range(2):  # a promotion between encoding and ranking: encode again, once
             encoders = (await model_info(fresh=attempt > 0))["user_encoders"]
             needed = (user.text is not None and encoders["text"]) or (image is not None and encoders["image"])
