@@ -113,6 +113,31 @@ def test_bundle_round_trip(tmp_path):
     assert torch.allclose(model(*pairs), loaded(*pairs)) and meta["users"]["ids"][0] == "u0"
 
 
+def test_standardised_content_ignores_the_embeddings_scale_and_survives_the_bundle(tmp_path):
+    users, items = sides()
+    users.image[2] = 0.0  # a user without a picture
+    config = ModelConfig(standardise=True, content_dropout=0.5, id_dropout=0.0)
+    model = build_model(users, items, config).eval()
+    present = np.abs(users.image[:-1]).sum(1) > 0
+    assert np.allclose(model.user_tower.image_mean.numpy(), users.image[:-1][present].mean(0), atol=1e-6)
+    # the same weights over content shifted and rescaled per dimension give the same scores
+    for side in (users, items):
+        for name in ("text", "image"):
+            matrix = getattr(side, name)
+            has = np.abs(matrix).sum(1, keepdims=True) > 0
+            setattr(side, name, np.where(has, matrix * np.arange(1, 9) + 3.0, 0.0).astype(np.float32))
+    rescaled = build_model(users, items, config).eval()
+    moments = ("_mean", "_std")
+    rescaled.load_state_dict({k: v for k, v in model.state_dict().items()
+                              if not k.startswith(("users.", "items.")) and not k.endswith(moments)}, strict=False)
+    pairs = torch.tensor([0, 2, 6, 3]), torch.tensor([0, 1, 5, 4])  # 6 and 5: the unknown rows
+    assert torch.allclose(model(*pairs), rescaled(*pairs), atol=1e-4)
+    save_bundle(tmp_path / "b", rescaled, users, items, {"objective": "rating"})
+    assert torch.allclose(load_bundle(tmp_path / "b")[0](*pairs), rescaled(*pairs))
+    rescaled.train()  # content dropout acts in training only
+    assert not torch.allclose(rescaled(*pairs), rescaled(*pairs))
+
+
 class FixedScores(torch.nn.Module):
     """A stand-in model with a fixed user x item score table, to check the ranking arithmetic."""
 

@@ -7,6 +7,7 @@ row indices (index n = the unknown user/item), `score_all(user)` ranks every ite
               training with probability id_dropout, so unseen users/items score from content)
         b   = id bias
         m   = fusion MLP(text CLS ++ image CLS)          structured s = MLP(one-hots ++ numbers)
+              (the CLS embeddings optionally z-scored per dimension and dropped out in training)
         GMF vector  g = p + W [m ++ s]                    MLP vector  h = [p ++ m ++ s]
     rating = w . [g_u * g_i  ++  MLP_128->64(h_u ++ h_i)] + b_u + b_i + c
 
@@ -46,6 +47,12 @@ class ModelConfig:
     content_dim: int = 32
     content_hidden: list[int] = field(default_factory=list)  # fusion-MLP hidden widths; [] = linear
     id_dropout: float = 0.2
+    # Text/image embeddings as the fusion projection reads them: `standardise` z-scores each
+    # dimension with the mean and std of the model's content (the known users or items that have
+    # the text/image; missing ones stay zero), `content_dropout` drops embedding entries in
+    # training. Both off by default; on the synthetic shop they cut the test MSE (README).
+    standardise: bool = False
+    content_dropout: float = 0.0
     global_mean: float = 0.0
 
     def check(self) -> None:
@@ -57,6 +64,8 @@ class ModelConfig:
             raise ValueError(f"--mlp needs positive widths, got {self.mlp}")
         if not 0 <= self.id_dropout < 1:
             raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
+        if not 0 <= self.content_dropout < 1:
+            raise ValueError(f"content_dropout must be in [0, 1), got {self.content_dropout}")
 
 
 def mlp(widths: list[int], final_activation: bool = True) -> nn.Sequential:
@@ -156,6 +165,13 @@ class SideTower(nn.Module):
         structured_dim = 0 if v in ("no_structured", "id_only") else bank.structured.shape[1]
         self.use_text = v not in ("no_text", "id_only") and bank.text.shape[1] > 0
         self.use_image = v not in ("no_image", "id_only") and bank.image.shape[1] > 0
+        self.standardise = config.standardise
+        if self.standardise:  # buffers: saved with the model, so serving standardises the same way
+            for name in ("text", "image"):
+                mean, std = _moments(getattr(bank, name)[:bank.n])
+                self.register_buffer(f"{name}_mean", mean)
+                self.register_buffer(f"{name}_std", std)
+        self.media_dropout = nn.Dropout(config.content_dropout)
         # Linear by default: on the synthetic shop a hidden layer learned the user x item content
         # matches more slowly than a plain projection (validation MSE 0.95 vs 0.88, same budget).
         widths = [*config.content_hidden, config.content_dim]
@@ -174,15 +190,30 @@ class SideTower(nn.Module):
         bias = self.bias(ids).squeeze(-1)  # [batch]
         parts = []
         if self.media is not None:
-            media = [side["text"]] if self.use_text else []
-            media += [side["image"]] if self.use_image else []
-            parts.append(self.media(torch.cat(media, dim=1)))  # [batch, content_dim]
+            media = [self._embedding(side, "text")] if self.use_text else []
+            media += [self._embedding(side, "image")] if self.use_image else []
+            parts.append(self.media(self.media_dropout(torch.cat(media, dim=1))))  # [batch, content_dim]
         if self.structured is not None:
             parts.append(self.structured(side["structured"]))
         if not parts:
             return p, p, bias
         content = torch.cat(parts, dim=1)
         return p + self.to_gmf(content), torch.cat([p, content], dim=1), bias
+
+    def _embedding(self, side: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        x = side[name]
+        if not self.standardise:
+            return x
+        present = (x != 0).any(dim=1, keepdim=True)  # no text/image (and the unknown row): all zeros
+        return torch.where(present, (x - getattr(self, f"{name}_mean")) / getattr(self, f"{name}_std"), 0.0)
+
+
+def _moments(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std over the rows that are not all zeros (0 and 1 if there are none)."""
+    rows = matrix[(matrix != 0).any(dim=1)]
+    if len(rows) < 2:
+        return torch.zeros(matrix.shape[1]), torch.ones(matrix.shape[1])
+    return rows.mean(0), rows.std(0).clamp(min=1e-6)
 
 
 class FusionNeuMF(Recommender):
