@@ -67,6 +67,13 @@ def candidate(model: Recommender, test: pd.DataFrame, scale, k: int, threshold: 
     return result
 
 
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k highest scores (all, if fewer), best first; ties by index."""
+    k = min(k, len(scores))
+    top = np.argpartition(-scores, k - 1)[:k] if k else np.zeros(0, np.int64)
+    return top[np.argsort(-scores[top], kind="stable")]
+
+
 @torch.no_grad()
 def full_ranking(model: Recommender, train: pd.DataFrame, test: pd.DataFrame, k: int) -> dict:
     """Top-k over all items not rated in `train` (pass train + validation), per test user; every test
@@ -78,8 +85,7 @@ def full_ranking(model: Recommender, train: pd.DataFrame, test: pd.DataFrame, k:
     for user, truth in relevant.items():
         scores = model.score_all(int(user)).float().numpy()
         scores[seen.get(user, [])] = -np.inf
-        top = np.argpartition(-scores, min(k, len(scores) - 1))[:k]
-        top = top[np.argsort(-scores[top], kind="stable")]
+        top = top_k(scores, k)
         hit = np.array([item in truth for item in top], dtype=float)
         hits_at["hr"].append(float(hit.any()))
         hits_at["precision"].append(hit.sum() / k)

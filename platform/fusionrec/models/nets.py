@@ -28,6 +28,7 @@ from torch import nn
 
 from fusionrec.models.content import PIXELS, SideContent
 
+CONTENT = ("text", "image", "structured", "words", "pixels")  # SideContent.arrays(), per row
 VARIANTS = ("full", "no_image", "no_text", "no_structured", "id_only")
 MODELS = {
     "fusion": "FusionNeuMF: ID embeddings (GMF + MLP) fused with text, image and structured content",
@@ -97,20 +98,18 @@ class ContentBank(nn.Module):
 
     def gather(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         ids = torch.where(self.seen[idx], idx, self.n)
-        return {"ids": ids, "text": self.text[idx], "image": self.image[idx], "structured": self.structured[idx],
-                "words": self.words[idx], "pixels": self.pixels[idx]}
+        return {"ids": ids, **{name: getattr(self, name)[idx] for name in CONTENT}}
 
     def known(self) -> dict[str, torch.Tensor]:
         """All n known rows, as views (no copy): what gather(arange(n)) returns."""
         idx = torch.arange(self.n, device=self.seen.device)
-        return {"ids": torch.where(self.seen[:self.n], idx, self.n), "text": self.text[:self.n],
-                "image": self.image[:self.n], "structured": self.structured[:self.n], "words": self.words[:self.n],
-                "pixels": self.pixels[:self.n]}
+        return {"ids": torch.where(self.seen[:self.n], idx, self.n),
+                **{name: getattr(self, name)[:self.n] for name in CONTENT}}
 
     def row(self, **content: np.ndarray) -> dict[str, torch.Tensor]:
         """One unknown entity as a gathered row ([1, dim] each): the given content, zeros elsewhere."""
         out = {"ids": torch.tensor([self.n], device=self.seen.device)}
-        for name in ("text", "image", "structured", "words", "pixels"):
+        for name in CONTENT:
             width, value = getattr(self, name).shape[1], content.get(name)
             out[name] = torch.zeros(1, width) if value is None else torch.as_tensor(value).float().view(1, width)
         return out

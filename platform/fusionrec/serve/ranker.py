@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ import pandas as pd
 import torch
 
 from fusionrec import registry
-from fusionrec.evaluate import predict
+from fusionrec.evaluate import predict, top_k
 from fusionrec.models.bundle import load_bundle, load_seen
 from fusionrec.models.content import StructuredEncoder, bag_of_words, image_pixels
 from fusionrec.models.nets import Recommender
@@ -70,7 +71,7 @@ class LoadedModel:
     def scale(self) -> tuple[float, float] | None:
         return tuple(self.meta["rating_scale"]) if self.meta["objective"] == "rating" else None
 
-    @property
+    @cached_property  # read for every new user and /model: built once per loaded model
     def attributes(self) -> StructuredEncoder:
         return StructuredEncoder.from_dict(self.meta["users"]["structured"])
 
@@ -86,9 +87,7 @@ class LoadedModel:
         return self.users[user_id]
 
     def top(self, scores: np.ndarray, k: int) -> dict:
-        k = min(k, int(np.isfinite(scores).sum()))
-        top = np.argpartition(-scores, k - 1)[:k] if k else np.zeros(0, int)
-        top = top[np.argsort(-scores[top], kind="stable")]
+        top = top_k(scores, min(k, int(np.isfinite(scores).sum())))  # never an excluded (-inf) item
         return {"items": [{"item_id": str(self.item_ids[i]), "score": float(scores[i])} for i in top],
                 "model_version": self.ref.version}
 
