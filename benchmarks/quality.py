@@ -3,15 +3,11 @@ MLflow) over several seeds, reported as mean +- std, next to the dataset's Bayes
 
     .venv/bin/python benchmarks/quality.py DATASET --features FEATURES [--split random] [--seeds 0,1,2]
         [--objective rating|implicit] [--protocol candidate|full] [--k 5] [--epochs 15] [--lr 0.005]
-        [--standardise] [--content-dropout 0.0]
 
 Protocol `candidate` (default): test MSE, Precision@K and NDCG@K over each user's test items (the
 paper's). Protocol `full`: each trained model is reloaded from MLflow and every test user ranks all
 items not rated in train + validation (`fusionrec evaluate --protocol full`): NDCG, Precision,
 Recall and both MAPs @K, plus the test RMSE for the rating objective.
-
-`--standardise` and `--content-dropout P` set FusionNeuMF's ModelConfig fields of those names for
-every row (only the fusion rows read text and image embeddings, so the others do not change).
 """
 
 from __future__ import annotations
@@ -46,13 +42,13 @@ def _metrics(result, dataset: str, protocol: str, k: int) -> dict:
 
 def main(dataset: str, features: str = typer.Option(None), split: str = "random", seeds: str = "0,1,2",
          rows: str = ",".join(ROWS), objective: str = "rating", protocol: str = "candidate", k: int = 5,
-         epochs: int = 15, lr: float = 5e-3, standardise: bool = False, content_dropout: float = 0.0) -> None:
+         epochs: int = 15, lr: float = 5e-3) -> None:
     if protocol not in ("candidate", "full"):
         raise typer.BadParameter(f"--protocol must be candidate or full, got {protocol!r}")
     floor = load_spec(dataset).truth.get("bayes_mse") if protocol == "candidate" else None
     columns = _columns(protocol, objective, k)
     print(f"{dataset}, split {split}, objective {objective}, protocol {protocol}, {epochs} epochs, lr {lr}, "
-          f"standardise {standardise}, content dropout {content_dropout}, seeds {seeds}"
+          f"seeds {seeds}"
           + (f", Bayes floor {floor:.4f}" if floor else ""))
     print("| model | " + " | ".join(columns) + " |" + (" MSE / floor |" if floor else ""))
     print("|---|" + "---|" * len(columns) + ("---|" if floor else ""))
@@ -62,8 +58,7 @@ def main(dataset: str, features: str = typer.Option(None), split: str = "random"
         for seed in seeds.split(","):
             result = train(TrainConfig(dataset=dataset, features=features, split=split, seed=int(seed), k=k,
                                        objective=objective, epochs=epochs, lr=lr,
-                                       model=ModelConfig(model=name, variant=variant or "full", standardise=standardise,
-                                                         content_dropout=content_dropout)))
+                                       model=ModelConfig(model=name, variant=variant or "full")))
             results.append(_metrics(result, dataset, protocol, k))
             print(f"  {row} seed {seed}: best epoch {result.best_epoch}, "
                   + ", ".join(f"{c} {results[-1][c]:.4f}" for c in columns), flush=True)

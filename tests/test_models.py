@@ -127,7 +127,7 @@ def test_standardised_content_ignores_the_embeddings_scale_and_survives_the_bund
             has = np.abs(matrix).sum(1, keepdims=True) > 0
             setattr(side, name, np.where(has, matrix * np.arange(1, 9) + 3.0, 0.0).astype(np.float32))
     rescaled = build_model(users, items, config).eval()
-    moments = ("_mean", "_std")
+    moments = ("_mean", "_scale")
     rescaled.load_state_dict({k: v for k, v in model.state_dict().items()
                               if not k.startswith(("users.", "items.")) and not k.endswith(moments)}, strict=False)
     pairs = torch.tensor([0, 2, 6, 3]), torch.tensor([0, 1, 5, 4])  # 6 and 5: the unknown rows
@@ -176,3 +176,27 @@ def test_cnn_reads_raw_pixels(tiny_shop):
     before = model(torch.arange(5), torch.arange(5))
     model.items.pixels.mul_(0.0)
     assert not torch.allclose(before, model(torch.arange(5), torch.arange(5)))
+
+
+def test_text_and_image_projections_are_shared_by_users_and_items():
+    users, items = sides()
+    model = build_model(users, items, ModelConfig(content_dropout=0.0)).eval()
+    assert model.user_tower.media["text"] is model.item_tower.media["text"]
+    # a user and an item with the same text embedding land on the same projected vector
+    items.text[0] = users.text[0]
+    same = build_model(users, items, ModelConfig(standardise=False)).eval()
+    user_vector, _ = same.user_tower(same.users.gather(torch.tensor([0])))
+    item_vector, _ = same.item_tower(same.items.gather(torch.tensor([0])))
+    text = slice(same.config.embedding_dim, same.config.embedding_dim + same.config.content_dim)
+    assert torch.allclose(user_vector[:, text], item_vector[:, text])
+
+
+def test_a_modality_on_one_side_only_still_scores_and_unequal_widths_fail_clearly():
+    users, items = sides()
+    items.image = np.zeros((items.n + 1, 0), np.float32)  # items have no pictures
+    model = build_model(users, items, ModelConfig())
+    assert torch.isfinite(model(torch.tensor([0, 1]), torch.tensor([2, 5]))).all()
+    users, items = sides()
+    items.text = np.zeros((items.n + 1, 4), np.float32)
+    with pytest.raises(ValueError, match="text embeddings differ in width"):
+        build_model(users, items, ModelConfig())

@@ -93,7 +93,7 @@ class SynthConfig:
         return int(round(self.users * self.items * self.density))
 
 
-def _ids(prefix: str, n: int) -> np.ndarray:
+def entity_ids(prefix: str, n: int) -> np.ndarray:
     width = max(5, len(str(n)))
     return np.array([f"{prefix}{i:0{width}d}" for i in range(1, n + 1)], dtype=object)
 
@@ -196,20 +196,26 @@ def _structured_affinity(users: dict, items: dict, u: np.ndarray, i: np.ndarray,
             + loyalty_price[loyalty[u], items["price_band"][i]])
 
 
+def draw_entities(cfg: SynthConfig, rng: np.random.Generator) -> tuple[dict, dict]:
+    """Every user's and item's hidden attributes (level indices): the generator's first draws, so
+    `draw_entities(cfg, np.random.default_rng(cfg.seed))` recovers a written shop's truth."""
+    pick = lambda levels, n: rng.integers(0, len(levels), n)  # noqa: E731
+    items = {factor: pick(levels, cfg.items) for factor, levels in {**TEXT_FACTORS, **IMAGE_FACTORS}.items()}
+    items |= {"brand": pick(BRANDS, cfg.items), "sleeve": pick(SLEEVES, cfg.items), "length": pick(LENGTHS, cfg.items),
+              "age_range": pick(AGE_RANGES, cfg.items), "price_band": pick(PRICE_BANDS, cfg.items)}
+    users = {factor: pick(levels, cfg.users) for factor, levels in {**TEXT_FACTORS, **IMAGE_FACTORS}.items()}
+    users |= {"gender": rng.choice(len(GENDERS), cfg.users, p=GENDER_WEIGHTS), "size": pick(SIZES, cfg.users),
+              "region": pick(REGIONS, cfg.users), "age": rng.integers(18, 71, cfg.users),
+              "years_registered": rng.integers(0, 16, cfg.users)}
+    return users, items
+
+
 def generate(cfg: SynthConfig, out: Path, overwrite: bool = False, workers: int | None = None) -> DatasetSpec:
     """Write the synthetic shop described by `cfg` to the folder `out` (atomically)."""
     cfg.check()
     rng = np.random.default_rng(cfg.seed)
     n_users, n_items = cfg.users, cfg.items
-    pick = lambda levels, n: rng.integers(0, len(levels), n)  # noqa: E731
-
-    items = {factor: pick(levels, n_items) for factor, levels in {**TEXT_FACTORS, **IMAGE_FACTORS}.items()}
-    items |= {"brand": pick(BRANDS, n_items), "sleeve": pick(SLEEVES, n_items), "length": pick(LENGTHS, n_items),
-              "age_range": pick(AGE_RANGES, n_items), "price_band": pick(PRICE_BANDS, n_items)}
-    users = {factor: pick(levels, n_users) for factor, levels in {**TEXT_FACTORS, **IMAGE_FACTORS}.items()}
-    users |= {"gender": rng.choice(len(GENDERS), n_users, p=GENDER_WEIGHTS), "size": pick(SIZES, n_users),
-              "region": pick(REGIONS, n_users), "age": rng.integers(18, 71, n_users),
-              "years_registered": rng.integers(0, 16, n_users)}
+    users, items = draw_entities(cfg, rng)
     stated = rng.random((n_users, len(TEXT_FACTORS))) >= UNSTATED
     has_picture = rng.random(n_users) >= NO_PICTURE
 
@@ -229,7 +235,7 @@ def generate(cfg: SynthConfig, out: Path, overwrite: bool = False, workers: int 
     floor, _ = _bayes_floor(latent)
     timestamps = 1_600_000_000 + rng.integers(0, 3 * 365 * 86400, len(u))
 
-    user_ids, item_ids = _ids("u", n_users), _ids("i", n_items)
+    user_ids, item_ids = entity_ids("u", n_users), entity_ids("i", n_items)
     item_texts = _item_texts(items, rng)
     user_texts = _user_texts(users, stated, rng)
     price = np.round(np.array(PRICE_BASE)[items["price_band"]] * rng.uniform(0.8, 1.25, n_items), 2)

@@ -1,0 +1,81 @@
+"""How low can a model of the synthetic shop go, given what the encoders carry? Two ridge
+regressions of the rating on the generator's own terms — id biases, the structured crosses, and one
+"user's favourite == item's level" indicator per text/image factor — fitted on the training split
+and scored on the test split of `fusionrec train`'s random split:
+
+- `true`:    the indicators from the hidden factor levels (replayed from dataset.yaml's generator);
+- `decoded`: the same indicators from the levels a logistic probe reads off each side's text or
+             image embedding (5-fold, out of fold: every level is predicted by a probe that never
+             saw it). A recommender never sees the levels, so this is an optimistic ceiling for any
+             model that matches content through these embeddings.
+
+    .venv/bin/python benchmarks/shop_ceiling.py SHOP --features FEATURES [--seeds 0,1,2]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import typer
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.model_selection import cross_val_predict
+
+from fusionrec.data.schema import load_spec
+from fusionrec.data.synth import IMAGE_FACTORS, TEXT_FACTORS, SynthConfig, draw_entities, entity_ids
+from fusionrec.encoders.pipeline import embedding_matrix, feature_path, read_features
+from fusionrec.train import TrainConfig, prepare
+
+
+def _decoded(features: str, side: str, kind: str, ids: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Out-of-fold probe predictions of `levels` (one per entity, in generator order); -1 where the
+    entity has no text/image."""
+    frame, _ = read_features(feature_path(features, side, kind))
+    position = {i: k for k, i in enumerate(frame["id"])}
+    rows = [position[i] for i in ids]
+    x, present = embedding_matrix(frame)[rows], frame["mask"].to_numpy()[rows] > 0
+    x = (x - x[present].mean(0)) / (x[present].std(0) + 1e-6)
+    out = np.full(len(levels), -1)
+    out[present] = cross_val_predict(LogisticRegression(C=0.1, max_iter=2000), x[present], levels[present], cv=5)
+    return out
+
+
+def _onehot(codes: np.ndarray) -> sp.csr_matrix:
+    return sp.csr_matrix((np.ones(len(codes)), (np.arange(len(codes)), codes)), shape=(len(codes), codes.max() + 1))
+
+
+def main(shop: str, features: str = typer.Option(...), seeds: str = "0,1,2") -> None:
+    spec = load_spec(shop)
+    generator = SynthConfig(**spec.truth["generator"])
+    users, items = draw_entities(generator, np.random.default_rng(generator.seed))
+    user_ids, item_ids = entity_ids("u", generator.users).astype(str), entity_ids("i", generator.items).astype(str)
+    factors = [("text", f) for f in TEXT_FACTORS] + [("image", f) for f in IMAGE_FACTORS]
+    decoded = {(side, f): _decoded(features, side, kind, ids, table[f])
+               for side, ids, table in (("users", user_ids, users), ("items", item_ids, items)) for kind, f in factors}
+    results: dict[str, list[float]] = {"true": [], "decoded": []}
+    for seed in seeds.split(","):
+        prepared = prepare(TrainConfig(dataset=shop, features=features, seed=int(seed)))
+        ratings, split = prepared.ratings, prepared.split
+        # rows of the generator's arrays for every rating (ids are u00001... in generator order)
+        u = np.searchsorted(user_ids, prepared.users.ids[ratings["user_idx"].to_numpy()])
+        i = np.searchsorted(item_ids, prepared.items.ids[ratings["item_idx"].to_numpy()])
+        age, loyalty = np.digitize(users["age"], [25, 35, 45]), np.digitize(users["years_registered"], [2, 5, 10])
+        crosses = [age[u] * 4 + items["age_range"][i], users["region"][u] * 4 + items["sleeve"][i],
+                   users["region"][u] * 12 + items["brand"][i], loyalty[u] * 4 + items["price_band"][i]]
+        base = [_onehot(ratings["user_idx"].to_numpy()), _onehot(ratings["item_idx"].to_numpy()),
+                *(_onehot(c) for c in crosses)]
+        y = ratings["rating"].to_numpy(float)
+        for name, level in (("true", lambda side, f: (users if side == "users" else items)[f]),
+                            ("decoded", lambda side, f: decoded[(side, f)])):
+            matches = np.stack([level("users", f)[u] == level("items", f)[i] for _, f in factors], 1)
+            x = sp.hstack([*base, sp.csr_matrix(matches.astype(float))]).tocsr()
+            fit = Ridge(alpha=1.0).fit(x[split.train], y[split.train])
+            results[name].append(float(np.mean((np.clip(fit.predict(x[split.test]), 1, 5) - y[split.test]) ** 2)))
+        print(f"seed {seed}: true {results['true'][-1]:.4f}, decoded {results['decoded'][-1]:.4f}", flush=True)
+    floor = spec.truth["bayes_mse"]
+    for name, values in results.items():
+        print(f"{name:8s} test MSE {np.mean(values):.4f} ± {np.std(values):.4f}  ({np.mean(values) / floor:.2f}× the "
+              f"Bayes floor {floor:.4f})")
+
+
+if __name__ == "__main__":
+    typer.run(main)
