@@ -200,3 +200,14 @@ def test_a_modality_on_one_side_only_still_scores_and_unequal_widths_fail_clearl
     items.text = np.zeros((items.n + 1, 4), np.float32)
     with pytest.raises(ValueError, match="text embeddings differ in width"):
         build_model(users, items, ModelConfig())
+
+
+def test_a_bundle_from_another_model_version_fails_in_one_line(tmp_path):
+    users, items = sides()
+    model = build_model(users, items, ModelConfig())
+    save_bundle(tmp_path / "b", model, users, items, {"objective": "rating"})
+    weights = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
+    weights["user_tower.to_gmf.weight"] = torch.zeros(1)  # a layer this version does not have
+    torch.save(weights, tmp_path / "b" / "model.pt")
+    with pytest.raises(ValueError, match="do not fit this version's fusion model .*train and register it again"):
+        load_bundle(tmp_path / "b")

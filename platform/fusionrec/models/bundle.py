@@ -50,7 +50,12 @@ def load_bundle(folder: Path) -> tuple[Recommender, dict]:
     folder = Path(folder)
     meta = json.loads((folder / "bundle.json").read_text())
     model = build_model(_empty_side(meta["users"]), _empty_side(meta["items"]), ModelConfig(**meta["model_config"]))
-    model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+    try:
+        model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+    except RuntimeError as error:  # saved by an older model definition: missing/unexpected keys
+        reason = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+        raise ValueError(f"{folder}: the weights do not fit this version's {model.config.model} model ({reason}); "
+                         "train and register it again") from None
     return model.eval(), meta
 
 
