@@ -3,6 +3,7 @@ MLflow) over several seeds, reported as mean +- std, next to the dataset's Bayes
 
     .venv/bin/python benchmarks/quality.py DATASET --features FEATURES [--split random] [--seeds 0,1,2]
         [--objective rating|implicit] [--protocol candidate|full] [--k 5] [--epochs 15] [--lr 0.005]
+        [--id-l2 L2]
 
 Protocol `candidate` (default): test MSE, Precision@K and NDCG@K over each user's test items (the
 paper's). Protocol `full`: each trained model is reloaded from MLflow and every test user ranks all
@@ -42,13 +43,13 @@ def _metrics(result, dataset: str, protocol: str, k: int) -> dict:
 
 def main(dataset: str, features: str = typer.Option(None), split: str = "random", seeds: str = "0,1,2",
          rows: str = ",".join(ROWS), objective: str = "rating", protocol: str = "candidate", k: int = 5,
-         epochs: int = 15, lr: float = 5e-3) -> None:
+         epochs: int = 15, lr: float = 5e-3, id_l2: float = typer.Option(None)) -> None:
     if protocol not in ("candidate", "full"):
         raise typer.BadParameter(f"--protocol must be candidate or full, got {protocol!r}")
     floor = load_spec(dataset).truth.get("bayes_mse") if protocol == "candidate" else None
     columns = _columns(protocol, objective, k)
     print(f"{dataset}, split {split}, objective {objective}, protocol {protocol}, {epochs} epochs, lr {lr}, "
-          f"seeds {seeds}"
+          f"id l2 {id_l2 if id_l2 is not None else 'default'}, seeds {seeds}"
           + (f", Bayes floor {floor:.4f}" if floor else ""))
     print("| model | " + " | ".join(columns) + " |" + (" MSE / floor |" if floor else ""))
     print("|---|" + "---|" * len(columns) + ("---|" if floor else ""))
@@ -57,7 +58,7 @@ def main(dataset: str, features: str = typer.Option(None), split: str = "random"
         results = []
         for seed in seeds.split(","):
             result = train(TrainConfig(dataset=dataset, features=features, split=split, seed=int(seed), k=k,
-                                       objective=objective, epochs=epochs, lr=lr,
+                                       objective=objective, epochs=epochs, lr=lr, id_l2=id_l2,
                                        model=ModelConfig(model=name, variant=variant or "full")))
             results.append(_metrics(result, dataset, protocol, k))
             print(f"  {row} seed {seed}: best epoch {result.best_epoch}, "

@@ -228,6 +228,8 @@ def train(
     split: Annotated[str, typer.Option(help="random (70/10/20), stratified (75/25 per user), cold-start or loo.")]
     = "random",
     seed: Annotated[int, typer.Option(help="Seed for the split and the initialisation.")] = 0,
+    id_l2: Annotated[float | None, typer.Option(help="Weight decay on the id embeddings (default: 3e-2 for "
+                                                     "rating, 1e-4 for implicit).")] = None,
     register: Annotated[bool, typer.Option(help="Register in MLflow; promote to champion if better.")] = False,
 ) -> None:
     """Train a model with Ray Train, log it to MLflow, print the test metrics as one JSON object."""
@@ -238,7 +240,8 @@ def train(
 
     config = TrainConfig(dataset=str(dataset), features=str(features) if features else None,
                          model=ModelConfig(model=model, variant=variant, mlp=_widths(mlp)), epochs=epochs,
-                         batch_size=batch_size, lr=lr, objective=objective, workers=workers, split=split, seed=seed)
+                         batch_size=batch_size, lr=lr, objective=objective, workers=workers, split=split, seed=seed,
+                         id_l2=id_l2)
     config.check()
     result = run_training(config, register=register)
     floor = load_spec(dataset).truth.get("bayes_mse")
