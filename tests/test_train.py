@@ -99,6 +99,8 @@ def test_cli_train_rejects_bad_options(home, tiny_shop):
     assert result.exit_code == 1 and "unknown model 'bert4rec'" in result.stderr
     result = runner.invoke(app, ["train", str(tiny_shop), "--split", "weird"])
     assert result.exit_code == 1 and "unknown split 'weird'" in result.stderr
+    result = runner.invoke(app, ["train", str(tiny_shop), "--id-l2", "-1"])
+    assert result.exit_code == 1 and "id_l2 must be non-negative, got -1.0" in result.stderr
 
 
 def test_id_l2_defaults_per_objective():
