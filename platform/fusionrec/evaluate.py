@@ -127,7 +127,7 @@ def evaluate_bundle(dataset_path: Path, bundle: Path, protocol: str = "candidate
     if protocol == "candidate":
         return candidate(model, test, tuple(meta["rating_scale"]), k, meta["relevance_threshold"], meta["objective"])
     if protocol == "full":
-        return full_ranking(model, ratings.iloc[np.concatenate([split.train, split.validation])], test, k)
+        return full_ranking(model, ratings.iloc[split.fitted], test, k)
     if meta["split"] != "loo":
         raise ValueError("the ncf protocol needs a model trained with --split loo")
     return ncf(model, ratings, test, n_items, k=k, seed=meta["seed"])

@@ -19,7 +19,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -336,7 +335,6 @@ def train(cfg: TrainConfig, register: bool = False, crash_at_epoch: int | None =
                             **{f"test_{k.replace('@', '_at_')}": v for k, v in metrics.items() if v is not None}})
         history = {name: [(m.step, m.value) for m in MlflowClient().get_metric_history(run.info.run_id, name)]
                    for name in ("train_loss", "val_loss")}
-        fitted = np.concatenate([prepared.split.train, prepared.split.validation])  # what serving leaves out
         with tempfile.TemporaryDirectory() as folder:
             loss_curve_png(history, Path(folder) / "loss_curve.png")
             mlflow.log_artifact(str(Path(folder) / "loss_curve.png"))
@@ -346,7 +344,7 @@ def train(cfg: TrainConfig, register: bool = False, crash_at_epoch: int | None =
                 "objective": cfg.objective, "split": cfg.split, "seed": cfg.seed, "run_id": run.info.run_id,
                 "test_metrics": metrics,
                 "encoders": feature_encoders(Path(cfg.features)) if cfg.features else {},
-            }, seen=prepared.ratings.iloc[fitted][["user_idx", "item_idx"]].to_numpy())
+            }, seen=prepared.ratings.iloc[prepared.split.fitted][["user_idx", "item_idx"]].to_numpy())
             model_uri = registry.log_bundle(bundle)
         result = TrainResult(metrics, run.info.run_id, bundle, best["epoch"], best["val_mse"], model_uri=model_uri)
         if register:

@@ -27,6 +27,11 @@ class Split:
     validation: np.ndarray
     test: np.ndarray
 
+    @property
+    def fitted(self) -> np.ndarray:
+        """Train + validation: every rating the model saw (what ranking and serving leave out)."""
+        return np.concatenate([self.train, self.validation])
+
 
 def random_split(n_ratings: int, fractions: tuple[float, float, float] = (0.7, 0.1, 0.2), seed: int = 0) -> Split:
     if len(fractions) != 3 or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0):
