@@ -153,11 +153,6 @@ def served_bundles(tiny_shop, tiny_models, tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def free_port():
     """A function giving a TCP port on loopback that nothing listens on right now."""
-    import socket
+    from fusionrec.cluster import free_port
 
-    def pick() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    return pick
+    return free_port

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -59,7 +60,7 @@ class LocalCluster:
         """Start the head and the workers; returns the cluster address (for RAY_ADDRESS)."""
         from ray._private.services import get_node_ip_address
 
-        port = _free_port()
+        port = free_port()
         self.address = f"{get_node_ip_address()}:{port}"  # Ray binds the machine's address, not loopback
         self._start("--head", f"--port={port}", "--include-dashboard=false")
         self._wait_for(self.cpus_per_node)
