@@ -26,14 +26,17 @@ from fusionrec.encoders.pipeline import embedding_matrix, feature_path, read_fea
 from fusionrec.train import TrainConfig, prepare
 
 
-def _decoded(features: str, side: str, kind: str, ids: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    """Out-of-fold probe predictions of `levels` (one per entity, in generator order); -1 where the
-    entity has no text/image."""
+def _embeddings(features: str, side: str, kind: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The z-scored embeddings in generator order, and which entities have the text/image."""
     frame, _ = read_features(feature_path(features, side, kind))
     position = {i: k for k, i in enumerate(frame["id"])}
     rows = [position[i] for i in ids]
     x, present = embedding_matrix(frame)[rows], frame["mask"].to_numpy()[rows] > 0
-    x = (x - x[present].mean(0)) / (x[present].std(0) + 1e-6)
+    return (x - x[present].mean(0)) / (x[present].std(0) + 1e-6), present
+
+
+def _decoded(x: np.ndarray, present: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Out-of-fold probe predictions of `levels` (one per entity); -1 where the entity has no text/image."""
     out = np.full(len(levels), -1)
     out[present] = cross_val_predict(LogisticRegression(C=0.1, max_iter=2000), x[present], levels[present], cv=5)
     return out
@@ -49,8 +52,11 @@ def main(shop: str, features: str = typer.Option(...), seeds: str = "0,1,2") -> 
     users, items = draw_entities(generator, np.random.default_rng(generator.seed))
     user_ids, item_ids = entity_ids("u", generator.users).astype(str), entity_ids("i", generator.items).astype(str)
     factors = [("text", f) for f in TEXT_FACTORS] + [("image", f) for f in IMAGE_FACTORS]
-    decoded = {(side, f): _decoded(features, side, kind, ids, table[f])
-               for side, ids, table in (("users", user_ids, users), ("items", item_ids, items)) for kind, f in factors}
+    decoded = {}
+    for side, ids, table in (("users", user_ids, users), ("items", item_ids, items)):
+        for kind in ("text", "image"):
+            x, present = _embeddings(features, side, kind, ids)
+            decoded |= {(side, f): _decoded(x, present, table[f]) for k, f in factors if k == kind}
     results: dict[str, list[float]] = {"true": [], "decoded": []}
     for seed in seeds.split(","):
         prepared = prepare(TrainConfig(dataset=shop, features=features, seed=int(seed)))
