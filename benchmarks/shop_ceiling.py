@@ -67,12 +67,13 @@ def main(shop: str, features: str = typer.Option(...), seeds: str = "0,1,2") -> 
     users, items = draw_entities(generator, np.random.default_rng(generator.seed))
     user_ids, item_ids = entity_ids("u", generator.users).astype(str), entity_ids("i", generator.items).astype(str)
     factors = [("text", f) for f in TEXT_FACTORS] + [("image", f) for f in IMAGE_FACTORS]
+    names = [f for _, f in factors]
     decoded = {}
     for side, ids, table in (("users", user_ids, users), ("items", item_ids, items)):
         for kind in ("text", "image"):
             x, present = _embeddings(features, side, kind, ids)
             decoded |= {(side, f): _decoded(x, present, table[f]) for k, f in factors if k == kind}
-    true_levels = {(side, f): table[f] for side, table in (("users", users), ("items", items)) for _, f in factors}
+    true_levels = {(side, f): table[f] for side, table in (("users", users), ("items", items)) for f in names}
     results: dict[str, list[float]] = {"true": [], "decoded": [], "decoded + tastes": []}
     for seed in seeds.split(","):
         prepared = prepare(TrainConfig(dataset=shop, features=features, seed=int(seed)))
@@ -86,7 +87,6 @@ def main(shop: str, features: str = typer.Option(...), seeds: str = "0,1,2") -> 
         base = [_onehot(ratings["user_idx"].to_numpy()), _onehot(ratings["item_idx"].to_numpy()),
                 *(_onehot(c) for c in crosses)]
         y = ratings["rating"].to_numpy(float)
-        names = [f for _, f in factors]
         # the 0.5 loosens the ridge on these columns (~44 a user) against the rest
         tastes = sp.hstack([_tastes(u, decoded[("items", f)][i], generator.users) for f in names]) * 0.5
         designs = {"true": [_matches(true_levels, names, u, i)], "decoded": [_matches(decoded, names, u, i)]}

@@ -47,7 +47,7 @@ class ModelConfig:
     mlp: list[int] = field(default_factory=lambda: [128, 64])
     embedding_dim: int = 32
     content_dim: int = 32
-    content_hidden: list[int] = field(default_factory=list)  # fusion-MLP hidden widths; [] = linear
+    content_hidden: list[int] = field(default_factory=list)  # hidden widths of each content projection; [] = linear
     id_dropout: float = 0.2
     # `standardise`: text/image embeddings z-scored per dimension with the mean and std of the
     # side's content (the known users or items that have the text/image; missing ones stay zero)
