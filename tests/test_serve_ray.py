@@ -30,10 +30,12 @@ def registered(served_bundles, tmp_path_factory):
     patch.setenv("FUSIONREC_HOME", str(home))
     patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
     registry.setup()
+    identity = {"data": "d", "features": "f", "split": "random", "seed": 0, "objective": "rating"}
     for name, val_mse in (("fusion", 1.0), ("svd", 2.0)):
-        with mlflow.start_run():
+        with mlflow.start_run() as run:
+            mlflow.set_tags(registry.identity_tags(identity, "val_mse", "min"))
             mlflow.log_metric("val_mse", val_mse)
-            registry.register(registry.log_bundle(served_bundles[name]), val_mse)
+            registry.register(registry.log_bundle(served_bundles[name]), run.info.run_id)
     yield home
     patch.undo()
 

@@ -121,10 +121,23 @@ def test_leave_one_out_takes_each_users_latest_rating(ratings):
     assert merged.empty  # the held-out item is not in the user's training ratings
 
 
+def test_leave_one_out_validates_on_each_users_second_latest_rating(ratings):
+    split = leave_one_out(ratings, seed=0)
+    validation, test = ratings.iloc[split.validation], ratings.iloc[split.test]
+    assert validation["user_id"].is_unique and len(validation) > 0
+    second = ratings.sort_values("timestamp").groupby("user_id")["timestamp"].nth(-2)
+    second = ratings.loc[second.index].set_index("user_id")["timestamp"]
+    assert (validation.set_index("user_id")["timestamp"] == second.reindex(validation["user_id"]).to_numpy()).all()
+    last_train = ratings.iloc[split.train].groupby("user_id")["timestamp"].max()
+    assert (last_train.reindex(validation["user_id"]).to_numpy() < validation["timestamp"].to_numpy()).all()
+    assert set(validation["user_id"]) <= set(test["user_id"])
+
+
 def test_leave_one_out_keeps_single_rating_users_in_training():
-    frame = pd.DataFrame({"user_id": ["a", "b", "b"], "item_id": ["x", "x", "y"], "timestamp": [1, 5, 2]})
+    frame = pd.DataFrame({"user_id": ["a", "b", "b", "c", "c", "c"], "item_id": ["x", "x", "y", "x", "y", "z"],
+                          "timestamp": [1, 5, 2, 9, 7, 8]})
     split = leave_one_out(frame)
-    assert split.test.tolist() == [1] and split.train.tolist() == [0, 2]
+    assert split.test.tolist() == [1, 3] and split.validation.tolist() == [5] and split.train.tolist() == [0, 2, 4]
 
 
 def test_sampled_negatives_are_never_rated(ratings):

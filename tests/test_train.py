@@ -45,7 +45,7 @@ def test_train_logs_to_mlflow_registers_and_evaluates(home, tiny_shop, features)
     config = TrainConfig(dataset=str(tiny_shop), features=str(features), epochs=2, batch_size=64)
     first = train(config, register=True)
     assert list(first.metrics) == ["mse", "rmse", "precision@5", "ndcg@5", "users"]
-    assert (first.version, first.promoted) == ("1", True)
+    assert (first.promotion.version, first.promotion.promoted) == ("1", True)
     client = MlflowClient()
     run = client.get_run(first.run_id)
     assert run.data.params["model.model"] == "fusion" and run.data.params["epochs"] == "2"
@@ -58,7 +58,8 @@ def test_train_logs_to_mlflow_registers_and_evaluates(home, tiny_shop, features)
     # A clearly worse model (a learning rate that blows it up) is registered but does not take the alias.
     worse = train(TrainConfig(dataset=str(tiny_shop), features=str(features), epochs=1, lr=50.0,
                               model=ModelConfig(model="dnn")), register=True)
-    assert (worse.version, worse.promoted) == ("2", False)
+    assert (worse.promotion.version, worse.promotion.promoted) == ("2", False)
+    assert "does not beat version 1" in worse.promotion.reason
     assert str(client.get_model_version_by_alias("fusionrec", "champion").version) == "1"
 
     result = runner.invoke(app, ["evaluate", str(tiny_shop), "--model-uri", "models:/fusionrec@champion"])
@@ -83,7 +84,7 @@ def test_lost_worker_resumes_from_checkpoint(home, tiny_shop, tmp_path):
     _, resumed = fit(config, prepared, tmp_path / "crashed", crash_at_epoch=1)
     assert (tmp_path / "crashed" / "crashed-once").exists()  # the worker really died once
     assert clean["epoch"] == resumed["epoch"] == 2
-    assert resumed["best"]["val_mse"] == pytest.approx(clean["best"]["val_mse"], rel=0.1)
+    assert resumed["best"]["value"] == pytest.approx(clean["best"]["value"], rel=0.1)
 
 
 def test_cli_train_prints_metrics_and_the_bayes_floor(home, tiny_shop):

@@ -213,7 +213,10 @@ def _widths(value: str) -> list[int]:
 @app.command("train")
 @friendly_errors
 def train(
-    dataset: Annotated[Path, typer.Argument(help="Dataset folder.")],
+    ctx: typer.Context,
+    dataset: Annotated[Path | None, typer.Argument(help="Dataset folder (or the config's `dataset`).")] = None,
+    config: Annotated[Path | None, typer.Option(help="Training settings as YAML (e.g. the best.yaml that "
+                                                     "`fusionrec tune` writes); flags given as well win.")] = None,
     features: Annotated[Path | None, typer.Option(help="Feature tables from `fusionrec encode`.")] = None,
     model: Annotated[str, typer.Option(help="fusion, neumf, svd, dnn or cnn (see `fusionrec models list`).")]
     = "fusion",
@@ -230,27 +233,44 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed for the split and the initialisation.")] = 0,
     id_l2: Annotated[float | None, typer.Option(help="Weight decay on the id embeddings (default: 3e-2 for "
                                                      "rating, 1e-4 for implicit).")] = None,
-    register: Annotated[bool, typer.Option(help="Register in MLflow; promote to champion if better.")] = False,
+    register: Annotated[bool, typer.Option(help="Register in MLflow; champion moves only over a champion of the "
+                                                "same data, split and objective that it beats on validation.")]
+    = False,
 ) -> None:
     """Train a model with Ray Train, log it to MLflow, print the test metrics as one JSON object."""
+    from click.core import ParameterSource
+
     from fusionrec.data.schema import load_spec
-    from fusionrec.models.nets import ModelConfig
-    from fusionrec.train import TrainConfig
+    from fusionrec.train import TrainConfig, load_config
     from fusionrec.train import train as run_training
 
-    config = TrainConfig(dataset=str(dataset), features=str(features) if features else None,
-                         model=ModelConfig(model=model, variant=variant, mlp=_widths(mlp)), epochs=epochs,
-                         batch_size=batch_size, lr=lr, objective=objective, workers=workers, split=split, seed=seed,
-                         id_l2=id_l2)
-    config.check()
-    result = run_training(config, register=register)
-    floor = load_spec(dataset).truth.get("bayes_mse")
+    flags = {"dataset": str(dataset) if dataset else None, "features": str(features) if features else None,
+             "epochs": epochs, "batch_size": batch_size, "lr": lr, "objective": objective, "workers": workers,
+             "split": split, "seed": seed, "id_l2": id_l2}
+    model_flags = {"model": model, "variant": variant, "mlp": _widths(mlp)}
+    if config is None:
+        settings = {**flags, "model": model_flags}
+    else:  # the file's settings, with the flags given on the command line on top
+        def given(name: str) -> bool:
+            return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+        settings = load_config(config).to_dict()
+        settings |= {k: v for k, v in flags.items() if given(k)}
+        settings["model"] |= {k: v for k, v in model_flags.items() if given(k)}
+    if not settings["dataset"]:
+        raise ValueError("name the dataset: fusionrec train DATASET (or `dataset:` in --config)")
+    train_config = TrainConfig.from_dict(settings)
+    train_config.check()
+    result = run_training(train_config, register=register)
+    metric, value = result.selection
+    floor = load_spec(Path(train_config.dataset)).truth.get("bayes_mse")
+    line = f"best epoch {result.best_epoch} ({metric} {value:.4f})"
     if floor and result.metrics["mse"] is not None:
-        typer.echo(f"test MSE {result.metrics['mse']:.4f} vs the Bayes floor {floor:.4f} "
-                   f"(ratio {result.metrics['mse'] / floor:.2f}); best epoch {result.best_epoch}", err=True)
-    if register:
-        state = "now champion" if result.promoted else "champion unchanged (not better on validation MSE)"
-        typer.echo(f"registered fusionrec version {result.version}: {state}", err=True)
+        line = (f"test MSE {result.metrics['mse']:.4f} vs the Bayes floor {floor:.4f} "
+                f"(ratio {result.metrics['mse'] / floor:.2f}); {line}")
+    typer.echo(line, err=True)
+    if result.promotion:
+        typer.echo(result.promotion.line(), err=True)
     typer.echo(json.dumps(result.metrics))
 
 

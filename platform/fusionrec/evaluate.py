@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fusionrec.data.fingerprint import data_fingerprint
 from fusionrec.data.splits import sample_negatives, split_by_name
 from fusionrec.data.validate import Dataset, load_dataset
 from fusionrec.metrics import candidate_metrics
@@ -119,8 +120,13 @@ def evaluate_bundle(dataset_path: Path, bundle: Path, protocol: str = "candidate
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
     model, meta = load_bundle(bundle)
-    ratings = index_ratings(load_dataset(dataset_path, check_images=False), meta["users"]["ids"],
-                            meta["items"]["ids"])
+    dataset = load_dataset(dataset_path, check_images=False)
+    trained_on = meta.get("fingerprints", {}).get("data")
+    if trained_on != data_fingerprint(dataset):
+        # Its split would be re-drawn over other ratings: "test" rows might have been trained on.
+        raise ValueError(f"{dataset_path}: not the data this model was trained on (dataset fingerprint "
+                         f"{data_fingerprint(dataset)}, the model's {trained_on or 'unrecorded'})")
+    ratings = index_ratings(dataset, meta["users"]["ids"], meta["items"]["ids"])
     n_items = len(meta["items"]["ids"])
     split = split_by_name(ratings, meta["split"], meta["seed"])
     test = ratings.iloc[split.test]

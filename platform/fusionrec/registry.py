@@ -7,6 +7,7 @@ model is the registered version carrying alias `champion`; promotion moves the a
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -18,7 +19,6 @@ from fusionrec.config import state_folder
 MODEL_NAME = "fusionrec"
 CHAMPION = "champion"
 EXPERIMENT = "fusionrec"
-SELECTION_METRIC = "val_mse"
 CHAMPION_URI = f"models:/{MODEL_NAME}@{CHAMPION}"
 
 
@@ -84,32 +84,78 @@ def log_bundle(folder: Path) -> str:
     return info.model_uri
 
 
-def champion_metric() -> tuple[str, float] | None:
-    """(version, validation MSE) of the current champion, or None if there is none."""
+# What a run records about what it was trained on (tags "fusionrec.<key>"). Validation metrics are
+# only comparable between runs that agree on all of these.
+IDENTITY = {"data": "dataset", "features": "feature tables", "split": "split", "seed": "split seed",
+            "objective": "objective"}
+TAG = "fusionrec."
+
+
+def identity_tags(identity: dict[str, object], metric: str, mode: str) -> dict[str, str]:
+    """The tags a training run carries: its identity (IDENTITY's keys) and its selection metric."""
+    missing = sorted(set(IDENTITY) - set(identity))
+    if missing:
+        raise ValueError(f"a run's identity lacks {', '.join(missing)}")
+    return {f"{TAG}{k}": str(v) for k, v in identity.items()} | {
+        f"{TAG}selection_metric": metric, f"{TAG}selection_mode": mode}
+
+
+@dataclass(frozen=True)
+class Promotion:
+    version: str
+    promoted: bool
+    reason: str  # one line: why the alias moved or stayed
+
+    def line(self) -> str:
+        state = f"now {CHAMPION}" if self.promoted else f"{CHAMPION} unchanged"
+        return f"registered {MODEL_NAME} version {self.version}: {state} ({self.reason})"
+
+
+def _decide(run_id: str, champion) -> tuple[bool, str]:
+    """Whether the model of `run_id` should take the alias from `champion` (a model version or None)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    new = client.get_run(run_id).data
+    metric, mode = new.tags.get(f"{TAG}selection_metric"), new.tags.get(f"{TAG}selection_mode")
+    value = new.metrics.get(metric) if metric else None
+    if value is None or math.isnan(value):
+        return False, "this run recorded no selection metric"
+    if champion is None:
+        return True, f"no {CHAMPION} yet; {metric} {value:.4f}"
+    old = client.get_run(champion.run_id).data
+    for key, label in IDENTITY.items():
+        mine, theirs = new.tags.get(f"{TAG}{key}"), old.tags.get(f"{TAG}{key}")
+        if mine is None or mine != theirs:
+            return False, (f"version {champion.version} was trained on another {label} "
+                           f"({theirs or 'unrecorded'} vs {mine or 'unrecorded'}); compare like with like "
+                           "or use `fusionrec promote`")
+    if old.tags.get(f"{TAG}selection_metric") != metric:
+        return False, f"version {champion.version} was selected on another metric"
+    before = old.metrics.get(metric)
+    if before is None or math.isnan(before) or (value < before if mode == "min" else value > before):
+        return True, f"{metric} {value:.4f} beats version {champion.version}'s {before:.4f}"
+    return False, f"{metric} {value:.4f} does not beat version {champion.version}'s {before:.4f}"
+
+
+def register(model_uri: str, run_id: str) -> Promotion:
+    """Register a logged model under MODEL_NAME. The alias `champion` moves to it only if there is
+    none yet, or if the champion was trained on the same dataset, feature tables, split and
+    objective and this model is better on their selection metric (validation data only)."""
+    import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
     try:
-        version = client.get_model_version_by_alias(MODEL_NAME, CHAMPION)
+        champion = client.get_model_version_by_alias(MODEL_NAME, CHAMPION)
     except MlflowException:
-        return None
-    value = client.get_run(version.run_id).data.metrics.get(SELECTION_METRIC)
-    return version.version, float("inf") if value is None else value
-
-
-def register(model_uri: str, val_mse: float) -> tuple[str, bool]:
-    """Register a logged model under MODEL_NAME; move `champion` to it only if it beats the
-    current champion on validation MSE (or there is none). Returns (version, promoted)."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    version = mlflow.register_model(model_uri, MODEL_NAME).version
-    current = champion_metric()
-    promoted = current is None or val_mse < current[1]
+        champion = None
+    promoted, reason = _decide(run_id, champion)
+    version = str(mlflow.register_model(model_uri, MODEL_NAME).version)
     if promoted:
-        MlflowClient().set_registered_model_alias(MODEL_NAME, CHAMPION, version)
-    return str(version), promoted
+        client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
+    return Promotion(version, promoted, reason)
 
 
 def download(model_uri: str, dst: Path | None = None) -> Path:

@@ -2,34 +2,40 @@
 
     prepare()            dataset + feature tables -> content matrices, index-coded ratings, split
     train_loop_per_worker(config)   one DDP worker: Ray Data shard -> epochs -> report + checkpoint
+    run_epochs()         the epoch loop itself, shared with Ray Tune's trials (tune.py)
     train()              TorchTrainer (ScalingConfig, RunConfig, FailureConfig) -> evaluate -> MLflow
 
 Checkpoints are written every epoch; a lost worker restarts the group from the last one
-(`FailureConfig(max_failures=...)`). The checkpoint also keeps the best-on-validation weights,
-which are what gets evaluated and registered.
+(`FailureConfig(max_failures=...)`). The checkpoint also keeps the best weights on validation
+(`SELECTION`: validation MSE for ratings, validation nDCG@10 over full ranking for implicit
+feedback), which are what gets evaluated and registered. The test part is scored once, after.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
+import yaml
 
 from fusionrec.config import state_folder
+from fusionrec.data.fingerprint import data_fingerprint, features_fingerprint
 from fusionrec.data.splits import SPLITS, Split, split_by_name
 from fusionrec.data.validate import Dataset, load_dataset
 from fusionrec.encoders.pipeline import feature_encoders
-from fusionrec.evaluate import candidate, index_ratings
+from fusionrec.evaluate import candidate, full_ranking, index_ratings
 from fusionrec.models.bundle import save_bundle
 from fusionrec.models.content import SideContent, build_side
-from fusionrec.models.nets import ModelConfig, build_model
+from fusionrec.models.nets import ModelConfig, Recommender, build_model
 
 READ_BATCH = 4096  # rows fetched from Ray Data at a time
 OBJECTIVES = ("rating", "implicit")
@@ -38,6 +44,26 @@ OBJECTIVES = ("rating", "implicit")
 # embeddings near zero and NeuMF ranks little better than popularity (MovieLens-100K, stratified
 # split: nDCG@10 0.24 at 3e-2 against 0.40 at 1e-4; see the README).
 ID_L2 = {"rating": 3e-2, "implicit": 1e-4}
+VALIDATION_K = 10  # implicit feedback is selected on nDCG at this cut-off
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The validation metric that picks epochs, configurations and champions for an objective."""
+
+    metric: str  # its name in reports and in MLflow
+    mode: str  # "min" or "max"
+
+    def better(self, value: float, than: float | None) -> bool:
+        """Whether `value` beats `than` (None: nothing yet). NaN (a diverged model) beats nothing."""
+        if math.isnan(value):
+            return than is None
+        if than is None or math.isnan(than):
+            return True
+        return value < than if self.mode == "min" else value > than
+
+
+SELECTION = {"rating": Selection("val_mse", "min"), "implicit": Selection(f"val_ndcg_at_{VALIDATION_K}", "max")}
 
 
 @dataclass
@@ -72,6 +98,47 @@ class TrainConfig:
         if self.id_l2 < 0:
             raise ValueError(f"id_l2 must be non-negative, got {self.id_l2}")
 
+    @property
+    def selection(self) -> Selection:
+        return SELECTION[self.objective]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config") -> TrainConfig:
+        """From a dict shaped like `to_dict()` (as `fusionrec tune` writes best.yaml); unknown keys fail."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"{source}: expected a mapping of training settings")
+        model = raw.get("model") or {}
+        if not isinstance(model, dict):
+            raise ValueError(f"{source}: model: expected a mapping of model settings")
+        _check_keys(raw, TrainConfig, source)
+        _check_keys(model, ModelConfig, f"{source}: model")
+        return cls(**{**raw, "model": ModelConfig(**model)})
+
+
+def _check_keys(raw: dict, kind: type, source: str) -> None:
+    known = set(kind.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
+
+
+def load_config(path: Path) -> TrainConfig:
+    """A TrainConfig from YAML (what `fusionrec tune` writes as best.yaml)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    try:
+        return TrainConfig.from_dict(raw, str(path))
+    except TypeError as error:  # a missing `dataset`
+        raise ValueError(f"{path}: {error}") from None
+
 
 @dataclass
 class Prepared:
@@ -80,16 +147,27 @@ class Prepared:
     items: SideContent
     ratings: pd.DataFrame  # user_idx, item_idx, user_id, item_id, rating (RangeIndex = split positions)
     split: Split
+    fingerprints: dict[str, str]  # "data", "features" (see data/fingerprint.py)
+
+    def part(self, name: str) -> pd.DataFrame:
+        """The ratings of one part of the split: "train", "validation" or "test"."""
+        return self.ratings.iloc[getattr(self.split, name)]
 
 
-def prepare(cfg: TrainConfig) -> Prepared:
+def prepare(cfg: TrainConfig, pixels: bool = False) -> Prepared:
+    """Load and index the data of a run and draw its split. Raw pixels are read for the CNN baseline
+    (or with `pixels`, for runs of several models); every other model reads the encoded features."""
     dataset = load_dataset(Path(cfg.dataset), check_images=False)
     features = Path(cfg.features) if cfg.features else None
-    pixels_root = dataset.root if cfg.model.model == "cnn" else None  # only the CNN reads raw pixels
+    pixels_root = dataset.root if cfg.model.model == "cnn" or pixels else None
     users = build_side(dataset.users, dataset.spec.users, "users", features, pixels_root)
     items = build_side(dataset.items, dataset.spec.items, "items", features, pixels_root)
     ratings = index_ratings(dataset, users.ids, items.ids)
-    return Prepared(dataset, users, items, ratings, split_by_name(ratings, cfg.split, cfg.seed))
+    split = split_by_name(ratings, cfg.split, cfg.seed)
+    if not len(split.validation):
+        raise ValueError(f"the {cfg.split} split of {cfg.dataset} leaves no validation ratings to select on")
+    fingerprints = {"data": data_fingerprint(dataset), "features": features_fingerprint(features)}
+    return Prepared(dataset, users, items, ratings, split, fingerprints)
 
 
 def _loss(model, users, items, ratings, objective: str, negatives: int, n_items: int) -> torch.Tensor:
@@ -110,6 +188,89 @@ def make_optimizer(model: torch.nn.Module, lr: float, id_l2: float) -> torch.opt
     return torch.optim.Adam([{"params": ids, "weight_decay": id_l2}, {"params": rest, "weight_decay": 0.0}], lr=lr)
 
 
+@dataclass
+class LoopData:
+    """What each training worker or Tune trial needs besides its batches (one copy in the object store)."""
+
+    users: SideContent
+    items: SideContent
+    train: pd.DataFrame  # user_idx, item_idx, rating of the training part (left out when ranking for validation)
+    validation: pd.DataFrame  # user_idx, item_idx, rating
+
+
+def loop_data(users: SideContent, items: SideContent, ratings: pd.DataFrame, split: Split) -> LoopData:
+    """The training and validation parts only: the test part never reaches a worker or a trial."""
+    columns = ["user_idx", "item_idx", "rating"]
+    return LoopData(users, items, ratings.iloc[split.train][columns].reset_index(drop=True),
+                    ratings.iloc[split.validation][columns].reset_index(drop=True))
+
+
+def loop_config(cfg: TrainConfig, data: LoopData, threads: int) -> dict:
+    """The training configuration as the one dict each worker or trial receives."""
+    train_mean = float(data.train["rating"].mean()) if cfg.objective == "rating" else 0.0
+    return {"model": asdict(cfg.model) | {"global_mean": train_mean}, "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size, "lr": cfg.lr, "id_l2": cfg.id_l2, "objective": cfg.objective,
+            "negatives": cfg.negatives, "seed": cfg.seed, "threads": threads}
+
+
+def new_model(data: LoopData, model_config: dict) -> Recommender:
+    """A freshly initialised model that knows which users and items have training ratings."""
+    model = build_model(data.users, data.items, ModelConfig(**model_config))
+    model.mark_seen(data.train["user_idx"].to_numpy(), data.train["item_idx"].to_numpy())
+    return model
+
+
+@torch.no_grad()
+def validate(model: Recommender, data: LoopData, config: dict) -> dict[str, float]:
+    """Validation loss and the objective's selection metric (validation MSE, or nDCG@10 ranking every
+    item the user did not rate in training)."""
+    val = data.validation
+    u, i, r = (torch.as_tensor(val[c].to_numpy()) for c in ("user_idx", "item_idx", "rating"))
+    # The same sampled negatives every epoch (implicit objective), so epochs are compared on one
+    # validation set; forking keeps the training random stream as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config["seed"])
+        loss = float(_loss(model, u, i, r, config["objective"], config["negatives"], data.items.n))
+    if config["objective"] == "rating":
+        return {"val_loss": loss, "val_mse": loss}
+    ndcg = full_ranking(model, data.train, val, VALIDATION_K)[f"ndcg@{VALIDATION_K}"]
+    return {"val_loss": loss, SELECTION["implicit"].metric: ndcg}
+
+
+def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: LoopData, config: dict,
+               batches: Callable[[int], Iterable[tuple[torch.Tensor, ...]]],
+               report: Callable[[dict, dict], None], resume: dict | None = None) -> None:
+    """The epoch loop: train on `batches(epoch)` (user, item, rating tensors), validate, keep the
+    best weights under the objective's selection metric, and hand `report` each epoch's metrics and
+    a state to resume from (`resume`: such a state)."""
+    core = model.module if hasattr(model, "module") else model  # DDP wraps it
+    selection = SELECTION[config["objective"]]
+    start, best = 0, {"value": None, "epoch": -1, "state": None}
+    if resume:
+        core.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        start, best = resume["epoch"] + 1, resume["best"]
+    for epoch in range(start, config["epochs"]):
+        model.train()
+        total, count, started = 0.0, 0, time.perf_counter()
+        for users_b, items_b, ratings_b in batches(epoch):
+            loss = _loss(model, users_b, items_b, ratings_b, config["objective"], config["negatives"], data.items.n)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += float(loss) * len(users_b)
+            count += len(users_b)
+        elapsed = time.perf_counter() - started
+        core.eval()
+        metrics = {"epoch": epoch, "train_loss": total / max(count, 1), **validate(core, data, config),
+                   "samples_per_s": count / elapsed}
+        if selection.better(metrics[selection.metric], best["value"]):
+            best = {"value": metrics[selection.metric], "epoch": epoch,
+                    "state": {k: v.detach().clone() for k, v in core.state_dict().items()}}
+        report(metrics, {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                         "best": best})
+
+
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker. `config` is the whole training configuration as one dict."""
     import ray
@@ -118,77 +279,55 @@ def train_loop_per_worker(config: dict) -> None:
 
     torch.set_num_threads(config["threads"])
     torch.manual_seed(config["seed"])
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    users, items, validation, seen = ray.get(config["data"])
-    model = build_model(users, items, ModelConfig(**config["model"]))
-    model.mark_seen(*seen)
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
-    core = model.module if hasattr(model, "module") else model
+    rank = ray.train.get_context().get_world_rank()
+    data: LoopData = ray.get(config["data"])
+    model = ray.train.torch.prepare_model(new_model(data, config["model"]),
+                                          parallel_strategy_kwargs={"broadcast_buffers": False})
     optimizer = make_optimizer(model, config["lr"], config["id_l2"])
-    start_epoch, best = 0, {"val_loss": float("inf"), "state": None}
-
+    resume = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # resuming after a failure: continue from the last finished epoch
         with checkpoint.as_directory() as folder:
-            saved = torch.load(Path(folder) / "state.pt", weights_only=False)
-        core.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        start_epoch, best = saved["epoch"] + 1, saved["best"]
-
+            resume = torch.load(Path(folder) / "state.pt", weights_only=False)
     shard = ray.train.get_dataset_shard("train")
-    val_u, val_i, val_r = (torch.as_tensor(validation[c]) for c in ("user_idx", "item_idx", "rating"))
-    for epoch in range(start_epoch, config["epochs"]):
+
+    def batches(epoch: int):
         crash = config.get("crash_at_epoch")
         if crash is not None and epoch == crash and rank == 0 and not Path(config["crash_marker"]).exists():
             Path(config["crash_marker"]).touch()
             os.kill(os.getpid(), signal.SIGKILL)  # a real lost worker, for the fault-tolerance test
-        model.train()
-        total, count, started = 0.0, 0, time.perf_counter()
         # Ray Data hands over large shuffled blocks; cutting them into minibatches here keeps its
         # per-batch overhead off every optimiser step.
         for block in shard.iter_torch_batches(batch_size=max(config["batch_size"], READ_BATCH),
                                               local_shuffle_buffer_size=4 * READ_BATCH,
                                               local_shuffle_seed=config["seed"] + epoch):
             for start in range(0, len(block["user_idx"]), config["batch_size"]):
-                users_b, items_b, ratings_b = (block[c][start:start + config["batch_size"]]
-                                               for c in ("user_idx", "item_idx", "rating"))
-                loss = _loss(model, users_b, items_b, ratings_b, config["objective"], config["negatives"], items.n)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total += float(loss) * len(users_b)
-                count += len(users_b)
-        core.eval()
-        # The same sampled negatives every epoch (implicit objective), so epochs are compared on one
-        # validation set; forking keeps the training random stream as it was.
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config["seed"])
-            val_loss = float(_loss(core, val_u, val_i, val_r, config["objective"], config["negatives"], items.n))
-        val_mse = val_loss  # the rating objective's loss is the MSE; for implicit, the BCE stands in for selection
-        if val_loss < best["val_loss"]:
-            best = {"val_loss": val_loss, "val_mse": val_mse, "epoch": epoch,
-                    "state": {k: v.detach().clone() for k, v in core.state_dict().items()}}
-        metrics = {"epoch": epoch, "train_loss": total / max(count, 1), "val_loss": val_loss, "val_mse": val_mse,
-                   "samples_per_s": count / (time.perf_counter() - started)}
+                yield tuple(block[c][start:start + config["batch_size"]] for c in ("user_idx", "item_idx", "rating"))
+
+    def report(metrics: dict, state: dict) -> None:
         with tempfile.TemporaryDirectory() as folder:
             saved_checkpoint = None
             if rank == 0:
-                torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                            "best": best}, Path(folder) / "state.pt")
+                torch.save(state, Path(folder) / "state.pt")
                 saved_checkpoint = ray.train.Checkpoint.from_directory(folder)
-                _log_epoch(config.get("mlflow"), metrics)
+                log_epoch(config.get("mlflow"), metrics)
             ray.train.report(metrics, checkpoint=saved_checkpoint)
 
+    run_epochs(model, optimizer, data, config, batches, report, resume)
 
-def _log_epoch(mlflow_target: dict | None, metrics: dict) -> None:
+
+def log_epoch(mlflow_target: dict | None, metrics: dict) -> None:
+    """One epoch's metrics as MLflow history. The selection metric goes in as `epoch_<name>`: the
+    plain name holds the best epoch's value, logged once at the end (what the registry compares)."""
     if not mlflow_target:
         return
     from mlflow import MlflowClient
 
     client = MlflowClient(mlflow_target["uri"])
-    for name in ("train_loss", "val_loss", "samples_per_s"):
-        client.log_metric(mlflow_target["run_id"], name, metrics[name], step=metrics["epoch"])
+    history = {"train_loss": "train_loss", "val_loss": "val_loss", "samples_per_s": "samples_per_s"}
+    history |= {name: f"epoch_{name}" for name in metrics if name.startswith("val_") and name != "val_loss"}
+    for name, logged_as in history.items():
+        client.log_metric(mlflow_target["run_id"], logged_as, metrics[name], step=metrics["epoch"])
 
 
 class EpochProgress:
@@ -230,20 +369,18 @@ class EpochProgress:
 
 @dataclass
 class TrainResult:
-    metrics: dict
+    metrics: dict  # test metrics, scored once after selection
     run_id: str | None
-    bundle: Path
     best_epoch: int
-    val_mse: float
-    version: str | None = None
-    promoted: bool = False
+    selection: tuple[str, float]  # (metric, best value on validation)
     model_uri: str | None = None  # the logged MLflow model (for `registry.download`)
+    promotion: object | None = None  # registry.Promotion when registered
 
 
 def fit(cfg: TrainConfig, prepared: Prepared, storage: Path, mlflow_target: dict | None = None,
-        crash_at_epoch: int | None = None) -> tuple[object, dict]:
-    """Run the TorchTrainer; returns (best model in eval mode, the final checkpoint's saved dict,
-    which also carries the last epoch's reported `metrics`)."""
+        crash_at_epoch: int | None = None) -> tuple[Recommender, dict]:
+    """Run the TorchTrainer; returns (best model on validation, in eval mode; the final checkpoint's
+    saved dict, which also carries the last epoch's reported `metrics`)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -251,19 +388,10 @@ def fit(cfg: TrainConfig, prepared: Prepared, storage: Path, mlflow_target: dict
     from fusionrec.ray_runtime import cluster_cpus, ensure_ray
 
     ensure_ray()
-    ratings, split = prepared.ratings, prepared.split
-    train = ratings.iloc[split.train][["user_idx", "item_idx", "rating"]].reset_index(drop=True)
-    validation_rows = ratings.iloc[split.validation if len(split.validation) else split.test]
-    validation = {c: validation_rows[c].to_numpy() for c in ("user_idx", "item_idx", "rating")}
-    seen = (train["user_idx"].to_numpy(), train["item_idx"].to_numpy())
-    model_config = ModelConfig(**{**asdict(cfg.model), "global_mean": float(train["rating"].mean())
-                                  if cfg.objective == "rating" else 0.0})
+    data = loop_data(prepared.users, prepared.items, prepared.ratings, prepared.split)
     cpus_per_worker = max(1, cluster_cpus() // cfg.workers)
-    config = {
-        "data": ray.put((prepared.users, prepared.items, validation, seen)),
-        "model": asdict(model_config), "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
-        "id_l2": cfg.id_l2, "objective": cfg.objective, "negatives": cfg.negatives,
-        "seed": cfg.seed, "threads": cpus_per_worker, "mlflow": mlflow_target,
+    config = loop_config(cfg, data, cpus_per_worker) | {
+        "data": ray.put(data), "mlflow": mlflow_target,
         "crash_at_epoch": crash_at_epoch, "crash_marker": str(storage / "crashed-once"),
     }
     trainer = TorchTrainer(
@@ -277,7 +405,7 @@ def fit(cfg: TrainConfig, prepared: Prepared, storage: Path, mlflow_target: dict
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         ),
-        datasets={"train": ray.data.from_pandas(train)},
+        datasets={"train": ray.data.from_pandas(data.train)},
     )
     result = trainer.fit()
     if result.error:
@@ -285,7 +413,7 @@ def fit(cfg: TrainConfig, prepared: Prepared, storage: Path, mlflow_target: dict
     with result.checkpoint.as_directory() as folder:
         saved = torch.load(Path(folder) / "state.pt", weights_only=False)
     saved["metrics"] = result.metrics
-    model = build_model(prepared.users, prepared.items, model_config)
+    model = new_model(data, config["model"])
     model.load_state_dict(saved["best"]["state"])  # includes the `seen` masks
     return model.eval(), saved
 
@@ -307,8 +435,50 @@ def loss_curve_png(history: dict[str, list[tuple[int, float]]], path: Path) -> N
     plt.close(fig)
 
 
+def run_identity(cfg: TrainConfig, prepared: Prepared) -> dict[str, str]:
+    """The MLflow tags saying what a run was trained on and selected by (registry.IDENTITY)."""
+    from fusionrec.registry import identity_tags
+
+    return identity_tags({**prepared.fingerprints, "split": cfg.split, "seed": cfg.seed, "objective": cfg.objective},
+                         cfg.selection.metric, cfg.selection.mode)
+
+
+def score_test(model: Recommender, cfg: TrainConfig, prepared: Prepared) -> dict:
+    """The test metrics (candidate protocol): call once, after every choice is made."""
+    spec = prepared.dataset.spec
+    return candidate(model, prepared.part("test"), (spec.rating_min, spec.rating_max), cfg.k,
+                     spec.relevance_threshold, cfg.objective)
+
+
+def log_trained_model(model: Recommender, cfg: TrainConfig, prepared: Prepared, run_id: str, metrics: dict) -> str:
+    """Log the model as a bundle to the active MLflow run; returns its model URI."""
+    from fusionrec import registry
+
+    spec = prepared.dataset.spec
+    with tempfile.TemporaryDirectory() as folder:
+        bundle = Path(folder) / "bundle"
+        save_bundle(bundle, model, prepared.users, prepared.items, {
+            "dataset": spec.name, "rating_scale": [spec.rating_min, spec.rating_max],
+            "relevance_threshold": spec.relevance_threshold, "objective": cfg.objective, "split": cfg.split,
+            "seed": cfg.seed, "run_id": run_id, "test_metrics": metrics, "fingerprints": prepared.fingerprints,
+            "encoders": feature_encoders(Path(cfg.features)) if cfg.features else {},
+        }, seen=prepared.part("fitted")[["user_idx", "item_idx"]].to_numpy())
+        return registry.log_bundle(bundle)
+
+
+def log_config(cfg: TrainConfig, prepared: Prepared) -> None:
+    """Params and identity tags of the active MLflow run."""
+    import mlflow
+
+    mlflow.log_params({"dataset": prepared.dataset.spec.name, "dataset_path": cfg.dataset,
+                       "features": cfg.features, **{f"model.{k}": v for k, v in asdict(cfg.model).items()},
+                       **{k: v for k, v in asdict(cfg).items() if k not in ("model", "dataset", "features")}})
+    mlflow.set_tags(run_identity(cfg, prepared))
+
+
 def train(cfg: TrainConfig, register: bool = False, crash_at_epoch: int | None = None) -> TrainResult:
-    """The whole `fusionrec train`: fit on Ray, evaluate on the test split, log to MLflow, register."""
+    """The whole `fusionrec train`: fit on Ray (choosing the epoch on validation), score the test part
+    once, log to MLflow, register."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -320,34 +490,21 @@ def train(cfg: TrainConfig, register: bool = False, crash_at_epoch: int | None =
     storage = state_folder() / "ray_results"
     storage.mkdir(parents=True, exist_ok=True)
     with mlflow.start_run() as run:
-        mlflow.log_params({"dataset": prepared.dataset.spec.name, "dataset_path": cfg.dataset,
-                           "features": cfg.features, **{f"model.{k}": v for k, v in asdict(cfg.model).items()},
-                           **{k: v for k, v in asdict(cfg).items() if k not in ("model", "dataset", "features")}})
+        log_config(cfg, prepared)
         target = {"uri": registry.tracking_uri(), "run_id": run.info.run_id}
         with EpochProgress(run.info.run_id, cfg.epochs):
             model, saved = fit(cfg, prepared, storage, target, crash_at_epoch)
         best = saved["best"]
-        spec = prepared.dataset.spec
-        scale = (spec.rating_min, spec.rating_max)
-        test = prepared.ratings.iloc[prepared.split.test]
-        metrics = candidate(model, test, scale, cfg.k, spec.relevance_threshold, cfg.objective)
-        mlflow.log_metrics({"val_mse": best["val_mse"], "best_epoch": best["epoch"],
+        metrics = score_test(model, cfg, prepared)
+        mlflow.log_metrics({cfg.selection.metric: best["value"], "best_epoch": best["epoch"],
                             **{f"test_{k.replace('@', '_at_')}": v for k, v in metrics.items() if v is not None}})
         history = {name: [(m.step, m.value) for m in MlflowClient().get_metric_history(run.info.run_id, name)]
                    for name in ("train_loss", "val_loss")}
         with tempfile.TemporaryDirectory() as folder:
             loss_curve_png(history, Path(folder) / "loss_curve.png")
             mlflow.log_artifact(str(Path(folder) / "loss_curve.png"))
-            bundle = Path(folder) / "bundle"
-            save_bundle(bundle, model, prepared.users, prepared.items, {
-                "dataset": spec.name, "rating_scale": list(scale), "relevance_threshold": spec.relevance_threshold,
-                "objective": cfg.objective, "split": cfg.split, "seed": cfg.seed, "run_id": run.info.run_id,
-                "test_metrics": metrics,
-                "encoders": feature_encoders(Path(cfg.features)) if cfg.features else {},
-            }, seen=prepared.ratings.iloc[prepared.split.fitted][["user_idx", "item_idx"]].to_numpy())
-            model_uri = registry.log_bundle(bundle)
-        result = TrainResult(metrics, run.info.run_id, bundle, best["epoch"], best["val_mse"], model_uri=model_uri)
-        if register:
-            result.version, result.promoted = registry.register(model_uri, best["val_mse"])
+        model_uri = log_trained_model(model, cfg, prepared, run.info.run_id, metrics)
+    result = TrainResult(metrics, run.info.run_id, best["epoch"], (cfg.selection.metric, best["value"]), model_uri)
+    if register:
+        result.promotion = registry.register(model_uri, run.info.run_id)
     return result
-

@@ -5,7 +5,8 @@
 - `stratified_split`: per user, 75 % of the ratings to train and 25 % to test (the Microsoft
   Recommenders protocol), with a validation slice carved from each user's train part.
 - `cold_start_split`: whole users and whole items held out, so none of them is seen in training.
-- `leave_one_out`: each user's latest rating is the test (the NCF protocol), with
+- `leave_one_out`: each user's latest rating is the test (the NCF protocol) and the second-latest
+  the validation, with
   `sample_negatives` drawing the items a user never rated to rank it against.
 """
 
@@ -118,18 +119,22 @@ def cold_start_split(
 def leave_one_out(
     ratings: pd.DataFrame, user_col: str = "user_id", time_col: str | None = "timestamp", seed: int = 0
 ) -> Split:
-    """Each user's latest rating (by `time_col`; ties and missing times broken at random) is the test;
-    users with a single rating keep it in training."""
+    """Each user's latest rating (by `time_col`; ties and missing times broken at random) is the test
+    and the second-latest the validation (as RecBole does), so the epoch is never chosen on test.
+    A user keeps at least one rating in training: with two ratings there is no validation one,
+    with a single rating there is no test one either."""
     rng = np.random.default_rng(seed)
     frame = pd.DataFrame({"user": ratings[user_col].to_numpy(), "tiebreak": rng.random(len(ratings))})
     frame["time"] = ratings[time_col].to_numpy() if time_col and time_col in ratings else 0.0
     frame["position"] = np.arange(len(ratings))
     ordered = frame.sort_values(["user", "time", "tiebreak"], kind="mergesort")
-    last = ~ordered["user"].duplicated(keep="last")
-    only = ~ordered["user"].duplicated(keep=False)
-    test = np.sort(ordered.loc[last & ~only, "position"].to_numpy())
-    train = np.sort(ordered.loc[~(last & ~only), "position"].to_numpy())
-    return Split(train, EMPTY, test)
+    from_last = ordered.groupby("user", sort=False).cumcount(ascending=False)  # 0 = the latest
+    count = ordered.groupby("user", sort=False)["user"].transform("size")
+    in_test = (from_last == 0) & (count >= 2)
+    in_validation = (from_last == 1) & (count >= 3)
+    positions = ordered["position"]
+    return Split(np.sort(positions[~in_test & ~in_validation].to_numpy()),
+                 np.sort(positions[in_validation].to_numpy()), np.sort(positions[in_test].to_numpy()))
 
 
 def sample_negatives(
