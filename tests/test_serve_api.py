@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import json
+import math
+import shutil
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,11 +23,10 @@ from PIL import Image
 from fusionrec.serve.api import MAX_BODY_BYTES, plain_app
 
 
-@pytest.fixture(scope="module")
-def service(tiny_shop, served_bundles, free_port):
-    bundle, ratings = served_bundles["fusion"], served_bundles["ratings"]
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(plain_app(str(bundle)), host="127.0.0.1", port=port, log_level="error"))
+@contextlib.contextmanager
+def serving(app, port: int):
+    """`app` served by uvicorn on 127.0.0.1:`port` in a thread; yields its URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -30,9 +36,15 @@ def service(tiny_shop, served_bundles, free_port):
             break
         except requests.ConnectionError:
             time.sleep(0.1)
-    yield {"url": url, "ratings": ratings, "shop": tiny_shop}
+    yield url
     server.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def service(tiny_shop, served_bundles, free_port):
+    with serving(plain_app(str(served_bundles["fusion"])), free_port()) as url:
+        yield {"url": url, "ratings": served_bundles["ratings"], "shop": tiny_shop}
 
 
 def png(colour="red", size=(16, 16)) -> str:
@@ -115,6 +127,10 @@ def test_recommend_for_a_new_user_from_text_image_or_attributes(service):
     ("/recommend", {"user": {"attributes": {"age": "old"}}}, 422, "user.attributes.age"),
     ("/recommend", {"user": {"attributes": {"age": True}}}, 422, "user.attributes.age"),
     ("/recommend", {"user": {"text": 5}}, 422, "user.text"),
+    # numbers a float cannot hold, or far outside the training data: named, never a 500 or an empty list
+    ("/recommend", {"user": {"attributes": {"age": 10**400}}}, 422, "user.attributes.age: 1000000"),
+    ("/recommend", {"user": {"attributes": {"age": 1e300}}}, 422, "user.attributes.age: 1e+300 is out of range"),
+    ("/recommend", {"user": {"attributes": {"age": -1e300}}}, 422, "user.attributes.age"),
 ])
 def test_bad_requests_get_a_4xx_naming_the_field(service, path, body, status, field):
     out = post(service, path, body)
@@ -152,8 +168,6 @@ def test_unknown_attribute_values_malformed_json_big_images_and_bodies(service):
 
 
 def test_serve_config_parses_and_bad_configs_are_one_line_errors(tmp_path):
-    from pathlib import Path
-
     from ray.serve.config import AutoscalingConfig
 
     from fusionrec.serve.app import DEPLOYMENTS, read_config
@@ -190,3 +204,79 @@ def test_cli_serve_fails_in_one_line_without_a_model_or_config(tmp_path, monkeyp
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 1, (args, result.output)
         assert message in result.output and "Traceback" not in result.output
+
+
+def test_non_finite_numbers_are_refused_and_the_edge_of_the_range_scores_finitely(service, served_bundles):
+    out = requests.post(service["url"] + "/recommend", data=b'{"user": {"attributes": {"age": NaN}}}', timeout=10,
+                        headers={"content-type": "application/json"})
+    assert out.status_code == 422 and "user.attributes.age" in out.json()["error"]
+    meta = json.loads((served_bundles["fusion"] / "bundle.json").read_text())
+    mean, std = meta["users"]["structured"]["numeric"]["age"]
+    for age in (mean + 99.9 * std, mean - 99.9 * std):
+        out = post(service, "/recommend", {"user": {"attributes": {"age": age}}, "k": 40})
+        assert out.status_code == 200, out.text
+        scores = [i["score"] for i in out.json()["items"]]
+        assert len(scores) == 40 and all(math.isfinite(s) for s in scores)
+
+
+def test_a_model_that_scores_nan_is_an_error_not_a_shorter_list(served_bundles):
+    from fusionrec.serve.ranker import Ranker
+
+    ranker = Ranker(str(served_bundles["fusion"]))
+    ranker.current.model.out.bias.data.fill_(float("nan"))
+    for call in ({"method": "recommend", "user_id": "u00001", "k": 5},
+                 {"method": "predict", "user_id": "u00001", "item_ids": ["i00001"]}):
+        answer = ranker.answer(call)
+        assert answer["status"] == 500 and "non-finite score" in answer["error"], answer
+
+
+def test_health_and_new_users_when_an_encoder_cannot_be_loaded(served_bundles, tiny_models, tmp_path, free_port):
+    """An encoder path missing where the service runs: /healthz is 503 and says which; a new user with
+    text gets a 503 naming user.text; everything else is served; the model put in place, all is well."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(served_bundles["fusion"], bundle)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    encoder_path = tmp_path / "moved-away-bert"
+    meta["encoders"]["users.text"]["model"] = str(encoder_path)
+    (bundle / "bundle.json").write_text(json.dumps(meta))
+    with serving(plain_app(str(bundle)), free_port()) as url:
+        health = requests.get(f"{url}/healthz", timeout=30)
+        assert health.status_code == 503 and str(encoder_path) in health.json()["error"]
+        out = requests.post(f"{url}/recommend", json={"user": {"text": "I love silk"}}, timeout=30)
+        assert out.status_code == 503 and out.json()["error"].startswith("user.text: ")
+        assert requests.post(f"{url}/recommend", json={"user": {"image": png()}}, timeout=30).status_code == 200
+        assert requests.post(f"{url}/recommend", json={"user_id": "u00001"}, timeout=30).status_code == 200
+        shutil.copytree(tiny_models["bert"], encoder_path)
+        assert requests.get(f"{url}/healthz", timeout=30).json() == {"status": "ok", "model_version": "local"}
+        assert requests.post(f"{url}/recommend", json={"user": {"text": "I love silk"}}, timeout=30).status_code == 200
+
+
+def test_the_openapi_document_describes_the_answers(service):
+    document = requests.get(service["url"] + "/openapi.json", timeout=10).json()
+    paths = document["paths"]
+    statuses = {(path, method): set(operation["responses"]) for path, item in paths.items()
+                for method, operation in item.items()}
+    assert statuses == {("/predict", "post"): {"200", "400", "404", "413", "422"},
+                        ("/recommend", "post"): {"200", "400", "404", "409", "413", "422", "503"},
+                        ("/healthz", "get"): {"200", "503"}, ("/model", "get"): {"200"}}
+    error = paths["/recommend"]["post"]["responses"]["409"]["content"]["application/json"]["schema"]
+    assert error == {"$ref": "#/components/schemas/ErrorBody"}
+    request = document["components"]["schemas"]["RecommendRequest"]
+    assert [branch["required"] for branch in request["oneOf"]] == [["user_id"], ["user"]]
+    out = requests.delete(service["url"] + "/predict", timeout=10)
+    assert out.status_code == 405 and out.headers["allow"] == "POST" and "error" in out.json()
+
+
+def test_schemathesis_finds_the_api_as_documented(service, tmp_path):
+    """Every documented operation fuzzed (examples, coverage and fuzzing phases, all checks): no 5xx,
+    every answer's status, headers and body as the document says. Schema-valid requests may still get
+    a 413 or a 422: the document cannot know which attributes, values and images a model accepts."""
+    config = tmp_path / "schemathesis.toml"
+    config.write_text('[checks.positive_data_acceptance]\n'
+                      'expected-statuses = ["2xx", "404", "409", "413", "422"]\n')
+    command = [str(Path(sys.executable).parent / "schemathesis"), "--config-file", str(config), "--no-color",
+               "run", service["url"] + "/openapi.json", "--checks", "all", "--max-examples", "10", "--seed", "1",
+               "--phases", "examples,coverage,fuzzing", "--workers", "1", "--request-timeout", "30"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # (its cache)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
+    assert "Tested: 4" in out.stdout and "Examples (in" in out.stdout, out.stdout[-3000:]

@@ -7,9 +7,11 @@ request schemas and every error are the same for both.
     POST /predict    {"user_id", "item_ids"}                       -> {"predictions", "model_version"}
     POST /recommend  {"user_id", "k", "exclude_seen"} or {"user": {"text", "image", "attributes"}, "k"}
                                                                    -> {"items", "model_version"}
-    GET  /healthz, GET /model
+    GET  /healthz (200 once the model and its encoders are loaded, else 503), GET /model
 
-Bad input is a 4xx with {"error": "field: message"}: never a 500, never a traceback.
+Bad input is a 4xx with {"error": "field: message"}: never a 500, never a traceback. The OpenAPI
+document says which answers each route gives, and what a request must look like, as far as a
+schema can (which attributes and images a model accepts is checked against the model, a 422).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import binascii
 import io
 import json
 import time
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -44,19 +46,41 @@ class Strict(BaseModel):
 
 
 class PredictRequest(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"user_id": "u00001", "item_ids": ["i00001", "i00002"]}]})
+
     user_id: StrictStr = Field(min_length=1, max_length=256)
     item_ids: list[StrictStr] = Field(min_length=1, max_length=MAX_ITEMS)
 
 
+# "At least one of text, image, attributes", as the validator below checks it (empty counts as absent).
+AT_LEAST_ONE_CONTENT = [
+    {"required": ["text"], "properties": {"text": {"type": "string", "minLength": 1}}},
+    {"required": ["image"], "properties": {"image": {"type": "string", "minLength": 1}}},
+    {"required": ["attributes"], "properties": {"attributes": {"type": "object", "minProperties": 1}}},
+]
+# "Exactly one of user_id and user" (null counts as absent).
+EXACTLY_ONE_USER = [
+    {"required": ["user_id"], "properties": {"user_id": {"type": "string"}}},
+    {"required": ["user"], "properties": {"user": {"type": "object"}}},
+]
+
+
 class NewUser(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": AT_LEAST_ONE_CONTENT})
+
     text: StrictStr | None = Field(None, max_length=10_000, description="What the user wrote about themselves.")
-    image: StrictStr | None = Field(None, description="A picture of the user's taste, base64 (at most 5 MB).")
+    image: StrictStr | None = Field(None, description="A picture of the user's taste, base64 (at most 5 MB).",
+                                    json_schema_extra={"contentEncoding": "base64"})
     # Values are checked against the model's attributes by the ranker (names, levels, numbers).
     attributes: dict[StrictStr, Any] = Field(default_factory=dict,
                                              description="Structured attributes by name (see GET /model).")
 
 
 class RecommendRequest(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": EXACTLY_ONE_USER, "examples": [
+        {"user_id": "u00001", "k": 10}, {"user": {"text": "I love flowing linen dresses for summer"}, "k": 5}]})
+
     user_id: StrictStr | None = Field(None, min_length=1, max_length=256, description="A known user.")
     user: NewUser | None = Field(None, description="A user never seen, described by content.")
     k: StrictInt = Field(10, ge=1, le=MAX_K)
@@ -91,10 +115,37 @@ class RecommendResponse(BaseModel):
     model_version: str
 
 
+class Health(BaseModel):
+    status: Literal["ok"]
+    model_version: str
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="`field: message`, naming the part of the request that is wrong.")
+
+
+ERRORS = {
+    400: "The body is not valid JSON.",
+    404: "An unknown user or item (named in the error).",
+    409: "The served model changed twice while a new user's content was being encoded: send it again.",
+    413: "The body is over 8 MB, or the image over 5 MB.",
+    422: "A field missing, of the wrong type, out of range, or unknown to the model (named in the error).",
+    503: "The model's encoder for a new user's text or image cannot be loaded on this server (yet).",
+}
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The error answers of a route, for the OpenAPI document (each with the {"error": ...} body)."""
+    return {status: {"model": ErrorBody, "description": ERRORS[status]} for status in statuses}
+
+
 class Backend(Protocol):
     async def rank(self, call: dict) -> dict: ...  # Ranker.answer's {"status", "body" | "error"}
 
+    # PayloadEncoder.answer's {"status", "vectors" | "error"}
     async def encode(self, encoders: dict, text: str | None, image: bytes | None) -> dict: ...
+
+    async def ready(self, encoders: dict) -> str | None: ...  # PayloadEncoder.ready: None, or why not
 
     async def info(self) -> dict: ...
 
@@ -109,7 +160,10 @@ class LocalBackend:
         return await asyncio.to_thread(self.ranker.answer, call)
 
     async def encode(self, encoders: dict, text: str | None, image: bytes | None) -> dict:
-        return await asyncio.to_thread(self.encoder.encode, encoders, text, image)
+        return await asyncio.to_thread(self.encoder.answer, encoders, text, image)
+
+    async def ready(self, encoders: dict) -> str | None:
+        return await asyncio.to_thread(self.encoder.ready, encoders)
 
     async def info(self) -> dict:
         return self.ranker.info()
@@ -203,19 +257,21 @@ def build_api(backend: Backend) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        return error(exc.status_code, str(exc.detail))
+        response = error(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})  # a 405's Allow
+        return response
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
         return error(500, f"internal error: {type(exc).__name__}")
 
-    @app.post("/predict", response_model=PredictResponse)
+    @app.post("/predict", response_model=PredictResponse, responses=documented(400, 404, 413, 422))
     async def predict(request: PredictRequest):
         """Predicted ratings of the given items for a known user."""
         return answer(await backend.rank({"method": "predict", "user_id": request.user_id,
                                           "item_ids": request.item_ids}))
 
-    @app.post("/recommend", response_model=RecommendResponse)
+    @app.post("/recommend", response_model=RecommendResponse, responses=documented(400, 404, 409, 413, 422, 503))
     async def recommend(request: RecommendRequest):
         """Top-k items for a known user (`user_id`) or for a new user described by content (`user`)."""
         if request.user_id is not None:
@@ -227,18 +283,25 @@ def build_api(backend: Backend) -> FastAPI:
         for attempt in range(2):  # a promotion between encoding and ranking: encode again, once
             encoders = (await model_info(fresh=attempt > 0))["user_encoders"]
             needed = (user.text is not None and encoders["text"]) or (image is not None and encoders["image"])
-            vectors = await backend.encode(encoders, user.text, image) if needed else {}
+            encoded = await backend.encode(encoders, user.text, image) if needed else {"status": 200, "vectors": {}}
+            if encoded["status"] != 200:
+                return error(encoded["status"], encoded["error"])
             result = await backend.rank({"method": "recommend_new", "k": request.k, "encoders": encoders,
-                                         "vectors": vectors, "text": user.text, "image": image,
+                                         "vectors": encoded["vectors"], "text": user.text, "image": image,
                                          "attributes": user.attributes})
             if result["status"] != STALE:
                 break
         return answer(result)
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health, responses=documented(503))
     async def healthz():
-        """200 once the model is loaded and answering."""
-        return {"status": "ok", "model_version": (await model_info())["version"]}
+        """200 once the model and the encoders a new user's text or image needs are loaded; 503 until then
+        (the error says what is missing)."""
+        info = await model_info()
+        problem = await backend.ready(info["user_encoders"])
+        if problem:
+            return error(503, problem)
+        return {"status": "ok", "model_version": info["version"]}
 
     @app.get("/model")
     async def model():
@@ -255,4 +318,6 @@ def plain_app(model_uri: str, refresh_s: float = 5.0):
 
     ranker = Ranker(model_uri, refresh_s)
     ranker.follow_alias()
-    return build_api(LocalBackend(ranker, PayloadEncoder()))
+    encoder = PayloadEncoder()
+    encoder.ready(ranker.info()["user_encoders"])  # load them now; /healthz reports any that cannot be
+    return build_api(LocalBackend(ranker, encoder))

@@ -60,10 +60,10 @@ class EncoderDeployment:
         self.encoder = PayloadEncoder(Path(cache) if cache else None)
 
     def encode(self, encoders: dict, text: str | None, image: bytes | None) -> dict:
-        return self.encoder.encode(encoders, text, image)
+        return self.encoder.answer(encoders, text, image)
 
-    def warm(self, encoders: dict) -> None:
-        self.encoder.warm(encoders)
+    def ready(self, encoders: dict) -> str | None:
+        return self.encoder.ready(encoders)
 
 
 async def _once_more_if_replica_died(method, *args):
@@ -86,6 +86,9 @@ class HandleBackend:
 
     async def encode(self, encoders: dict, text: str | None, image: bytes | None) -> dict:
         return await _once_more_if_replica_died(self.encoder.encode, encoders, text, image)
+
+    async def ready(self, encoders: dict) -> str | None:
+        return await _once_more_if_replica_died(self.encoder.ready, encoders)
 
     async def info(self) -> dict:
         return await _once_more_if_replica_died(self.ranker.info)
@@ -164,7 +167,7 @@ def start(model_uri: str | None = None, host: str | None = None, port: int | Non
     serve.run(application(args, settings["deployments"]), name=APP_NAME, route_prefix="/",  # returns once healthy
               logging_config=settings["logging"])
     info = serve.get_deployment_handle("Ranker", APP_NAME).info.remote().result()
-    serve.get_deployment_handle("Encoder", APP_NAME).warm.remote(info["user_encoders"])  # ahead of the first new user
+    serve.get_deployment_handle("Encoder", APP_NAME).ready.remote(info["user_encoders"])  # ahead of the first new user
     return info
 
 

@@ -25,6 +25,10 @@ from fusionrec.encoders.base import (
 )
 
 
+class EncoderUnavailable(Exception):
+    """An encoder the model needs cannot be loaded where the service runs (the message says which, and why)."""
+
+
 class PayloadEncoder:
     def __init__(self, cache: Path | None = None):
         self.cache = Path(cache) if cache else state_folder() / "models"
@@ -42,19 +46,29 @@ class PayloadEncoder:
         # The default encoders are found by alias (their files live under this machine's cache);
         # any other was recorded by its path.
         default = alias in (DEFAULT_TEXT_MODEL, DEFAULT_IMAGE_MODEL)
-        model = resolve_model(alias, self.cache) if default else spec["model"]
-        if spec["kind"] == "text":
-            encoder = TextEncoder(model, pooling=spec["pooling"], name=alias)
-        else:
-            encoder = ImageEncoder(model, pooling=spec["pooling"], image_size=spec.get("image_size"), name=alias)
+        try:
+            model = resolve_model(alias, self.cache) if default else spec["model"]
+            if spec["kind"] == "text":
+                encoder = TextEncoder(model, pooling=spec["pooling"], name=alias)
+            else:
+                encoder = ImageEncoder(model, pooling=spec["pooling"], image_size=spec.get("image_size"), name=alias)
+        except (OSError, ValueError, RuntimeError) as exc:  # not cached: a model put in place later is found
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EncoderUnavailable(f"user.{spec['kind']}: the model's {spec['kind']} encoder {alias!r} cannot be "
+                                     f"loaded on this server ({reason})") from exc
         self._loaded[key] = encoder
         return encoder
 
-    def warm(self, encoders: dict[str, dict | None]) -> None:
-        """Load the encoders ahead of the first cold-start request."""
-        for spec in encoders.values():
-            if spec:
-                self._encoder(spec)
+    def ready(self, encoders: dict[str, dict | None]) -> str | None:
+        """Load the encoders a new user's content needs (if not yet); None when all are loaded,
+        else why one cannot be."""
+        try:
+            for spec in encoders.values():
+                if spec:
+                    self._encoder(spec)
+        except EncoderUnavailable as exc:
+            return str(exc)
+        return None
 
     def encode(self, encoders: dict[str, dict | None], text: str | None, image: bytes | None) -> dict[str, np.ndarray]:
         """{"text": [dim], "image": [dim]} for what was given and the model uses."""
@@ -64,3 +78,10 @@ class PayloadEncoder:
         if image is not None and encoders.get("image"):
             out["image"] = self._encoder(encoders["image"]).encode([open_image(io.BytesIO(image))])[0]
         return out
+
+    def answer(self, encoders: dict[str, dict | None], text: str | None, image: bytes | None) -> dict:
+        """encode() as a value, as Ranker.answer: {"status": 200, "vectors"} or {"status": 503, "error"}."""
+        try:
+            return {"status": 200, "vectors": self.encode(encoders, text, image)}
+        except EncoderUnavailable as exc:
+            return {"status": 503, "error": str(exc)}

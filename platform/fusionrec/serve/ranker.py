@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import tempfile
 import threading
 import time
@@ -34,6 +33,9 @@ from fusionrec.models.nets import Recommender
 
 log = logging.getLogger(__name__)
 STALE = 409  # the model changed between encoding a payload and ranking it: encode again
+# A new user's number may lie this many standard deviations from the training data's mean, no
+# further: beyond it the standardised value, and the scores, stop meaning anything (or overflow).
+MAX_STANDARD_SCORES = 100.0
 
 
 class Rejected(Exception):
@@ -92,8 +94,22 @@ class LoadedModel:
                 "model_version": self.ref.version}
 
 
+def finite(scores: np.ndarray) -> np.ndarray:
+    """The model's scores, if all are finite. Inputs are bounded, so a NaN or infinity here is the
+    model's fault: an error, never a shorter list or a NaN in an answer."""
+    if not np.isfinite(scores).all():
+        raise Rejected(500, "model: produced a non-finite score; the served model is broken")
+    return scores
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
 def attribute_row(encoder: StructuredEncoder, attributes: dict) -> np.ndarray:
-    """A new user's attributes as the model's structured vector; unknown names or values are rejected."""
+    """A new user's attributes as the model's structured vector; unknown names or values, and
+    numbers that are not finite or far outside the training data, are rejected."""
     for name, value in attributes.items():
         field = f"user.attributes.{name}"
         if value is None:  # stated as unknown: treated like a missing cell
@@ -101,10 +117,16 @@ def attribute_row(encoder: StructuredEncoder, attributes: dict) -> np.ndarray:
         if name in encoder.categorical:
             if not isinstance(value, str | int | float) or str(value) not in encoder.categorical[name]:
                 known = ", ".join(encoder.categorical[name][:20])
-                raise Rejected(422, f"{field}: unknown value {value!r} (known: {known})")
+                raise Rejected(422, f"{field}: unknown value {_shown(value)} (known: {known})")
         elif name in encoder.numeric:
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise Rejected(422, f"{field}: expected a finite number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise Rejected(422, f"{field}: expected a finite number, got {_shown(value)}")
+            mean, std = encoder.numeric[name]
+            low, high = mean - MAX_STANDARD_SCORES * std, mean + MAX_STANDARD_SCORES * std
+            if not low <= value <= high:  # exact for ints of any size; false for NaN
+                raise Rejected(422, f"{field}: {_shown(value)} is out of range: expected a finite number from "
+                                    f"{low:.6g} to {high:.6g} ({MAX_STANDARD_SCORES:g} standard deviations "
+                                    "around the training data's mean)")
         else:
             known = ", ".join([*encoder.categorical, *encoder.numeric]) or "none"
             raise Rejected(422, f"{field}: unknown attribute (this model knows: {known})")
@@ -163,14 +185,14 @@ class Ranker:
         if (rows < 0).any():
             first = int(np.argmax(rows < 0))
             raise Rejected(404, f"item_ids[{first}]: unknown item {item_ids[first]!r}")
-        ratings = predict(m.model, np.full(len(rows), user), rows, m.scale)
+        ratings = finite(predict(m.model, np.full(len(rows), user), rows, m.scale))
         return {"predictions": [{"item_id": i, "rating": float(r)} for i, r in zip(item_ids, ratings, strict=True)],
                 "model_version": m.ref.version}
 
     def recommend(self, user_id: str, k: int, exclude_seen: bool = True) -> dict:
         m = self.current
         user = m.user_row(user_id)
-        scores = m.model.score_all(user).numpy().astype(np.float64)
+        scores = finite(m.model.score_all(user).numpy().astype(np.float64))
         if exclude_seen:
             scores[m.seen[user]] = -np.inf
         return m.top(scores, k)
@@ -191,7 +213,7 @@ class Ranker:
 
             content["pixels"] = image_pixels(open_image(io.BytesIO(image)))
         with torch.no_grad():
-            scores = m.model.score_all_for(users.row(**content)).numpy().astype(np.float64)
+            scores = finite(m.model.score_all_for(users.row(**content)).numpy().astype(np.float64))
         return m.top(scores, k)
 
     def info(self) -> dict:
