@@ -60,6 +60,22 @@ def tiny_shop(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def random_features(tiny_shop, tmp_path_factory) -> Path:
+    """Feature tables for the tiny shop in the encode pipeline's format, random 8-d embeddings."""
+    from fusionrec.encoders.pipeline import _write
+
+    folder = tmp_path_factory.mktemp("features")
+    rng = np.random.default_rng(0)
+    for side, column in (("users", "user_id"), ("items", "item_id")):
+        ids = pd.read_parquet(tiny_shop / f"{side}.parquet")[column]
+        for kind in ("text", "image"):
+            frame = pd.DataFrame({"id": ids, "content_hash": "x", "mask": 1,
+                                  "embedding": list(rng.normal(size=(len(ids), 8)).astype(np.float32))})
+            _write(folder / f"{side}.{kind}.parquet", frame, 8, {"encoder": "random", "dim": 8})
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Randomly initialised tiny BERT / ViT / DINOv2 checkpoints (the BERT reuses MiniLM's tokenizer)."""
     import shutil

@@ -94,6 +94,16 @@ def test_kfold_test_parts_cover_every_rating_once(ratings):
         assert_partition(fold, n)
 
 
+def test_kfold_carves_validation_from_each_training_part(ratings):
+    n = len(ratings)
+    folds = kfold(n, k=4, seed=0, validation=0.125)
+    for fold in folds:
+        assert_partition(fold, n)
+        assert len(fold.validation) == round(0.125 * (n - len(fold.test)))
+    # each fold draws its own validation slice, not a shifted copy of another fold's
+    assert len(set(folds[0].validation) & set(folds[1].validation)) < len(folds[0].validation)
+
+
 def test_cold_start_holds_out_whole_users_and_items(ratings):
     split = cold_start_split(ratings, seed=0)
     assert_partition(split, len(ratings))

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from fusionrec.cli import app
-from fusionrec.encoders.pipeline import _write
 from fusionrec.models.nets import ModelConfig
 from fusionrec.train import TrainConfig, fit, prepare, train
 
@@ -26,20 +24,11 @@ def home(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def features(tiny_shop, tmp_path_factory):
-    """Feature tables in the encode pipeline's format, with random 8-d embeddings."""
-    folder = tmp_path_factory.mktemp("features")
-    rng = np.random.default_rng(0)
-    for side, ids in (("users", pd.read_parquet(tiny_shop / "users.parquet")["user_id"]),
-                      ("items", pd.read_parquet(tiny_shop / "items.parquet")["item_id"])):
-        for kind in ("text", "image"):
-            frame = pd.DataFrame({"id": ids, "content_hash": "x", "mask": 1,
-                                  "embedding": list(rng.normal(size=(len(ids), 8)).astype(np.float32))})
-            _write(folder / f"{side}.{kind}.parquet", frame, 8, {"encoder": "random", "dim": 8})
-    return folder
+def features(random_features):
+    return random_features
 
 
-def test_train_logs_to_mlflow_registers_and_evaluates(home, tiny_shop, features):
+def test_train_logs_to_mlflow_registers_and_evaluates(home, tiny_shop, features, tmp_path):
     from mlflow import MlflowClient
 
     config = TrainConfig(dataset=str(tiny_shop), features=str(features), epochs=2, batch_size=64)
@@ -68,6 +57,17 @@ def test_train_logs_to_mlflow_registers_and_evaluates(home, tiny_shop, features)
     assert out["protocol"] == "candidate" and out["mse"] == pytest.approx(first.metrics["mse"], rel=1e-5)
     result = runner.invoke(app, ["evaluate", str(tiny_shop), "--protocol", "full", "--k", "10"])
     assert result.exit_code == 0 and "recall@10" in result.stdout
+
+    # Other ratings would re-draw another split, putting trained-on rows in "test": refused in one line.
+    import shutil
+
+    changed = tmp_path / "changed-shop"
+    shutil.copytree(tiny_shop, changed)
+    ratings = pd.read_parquet(changed / "ratings.parquet")
+    ratings.loc[0, "rating"] = 6 - ratings.loc[0, "rating"]
+    ratings.to_parquet(changed / "ratings.parquet", index=False)
+    result = runner.invoke(app, ["evaluate", str(changed)])
+    assert result.exit_code == 1 and "not the data this model was trained on" in result.stderr
 
     # The registered model also loads as a plain MLflow pyfunc; unknown ids score as cold-start.
     import mlflow.pyfunc
@@ -121,6 +121,13 @@ def test_stratified_implicit_run_evaluates_under_the_full_protocol(home, tiny_sh
     result = train(TrainConfig(dataset=str(tiny_shop), epochs=1, batch_size=64, split="stratified",
                                objective="implicit", model=ModelConfig(model="neumf")))
     assert result.metrics["mse"] is None and result.model_uri
+    # selected on validation nDCG@10 over full ranking, recorded under that name (not as an "MSE")
+    from mlflow import MlflowClient
+
+    run = MlflowClient().get_run(result.run_id)
+    assert result.selection[0] == "val_ndcg_at_10" and 0 <= result.selection[1] <= 1
+    assert run.data.tags["fusionrec.selection_metric"] == "val_ndcg_at_10" and "val_mse" not in run.data.metrics
+    assert run.data.metrics["val_ndcg_at_10"] == pytest.approx(result.selection[1])
     out = evaluate_bundle(tiny_shop, download(result.model_uri), "full", 10)
     assert {"ndcg@10", "precision@10", "recall@10", "map@10", "map_all@10"} <= set(out)
     assert 0 <= out["map_all@10"] <= out["map@10"] <= 1 and out["users"] > 0
@@ -139,3 +146,12 @@ def test_epoch_progress_follows_the_logged_epochs(home):
                 mlflow.log_metric("val_loss", loss, step=epoch)
             mlflow.log_metric("val_loss", 0.7, step=1)  # a resumed run logs epoch 1 again
     assert progress.bar.n == 3 and not progress.thread.is_alive()
+
+
+def test_a_split_without_validation_is_refused_never_replaced_by_test(tmp_path):
+    from conftest import make_dataset
+
+    # Every user has at most two ratings: leave-one-out has a test rating but no validation one.
+    shop = make_dataset(tmp_path / "two-each")
+    with pytest.raises(ValueError, match="leaves no validation ratings to select on"):
+        prepare(TrainConfig(dataset=str(shop), split="loo"))

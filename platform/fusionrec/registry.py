@@ -86,7 +86,7 @@ def log_bundle(folder: Path) -> str:
 
 # What a run records about what it was trained on (tags "fusionrec.<key>"). Validation metrics are
 # only comparable between runs that agree on all of these.
-IDENTITY = {"data": "dataset", "features": "feature tables", "split": "split", "seed": "split seed",
+IDENTITY = {"data": "dataset", "features": "set of feature tables", "split": "split", "seed": "split seed",
             "objective": "objective"}
 TAG = "fusionrec."
 

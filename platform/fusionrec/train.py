@@ -470,10 +470,15 @@ def log_config(cfg: TrainConfig, prepared: Prepared) -> None:
     """Params and identity tags of the active MLflow run."""
     import mlflow
 
-    mlflow.log_params({"dataset": prepared.dataset.spec.name, "dataset_path": cfg.dataset,
-                       "features": cfg.features, **{f"model.{k}": v for k, v in asdict(cfg.model).items()},
-                       **{k: v for k, v in asdict(cfg).items() if k not in ("model", "dataset", "features")}})
+    mlflow.log_params(config_params(cfg, prepared.dataset.spec.name))
     mlflow.set_tags(run_identity(cfg, prepared))
+
+
+def config_params(cfg: TrainConfig, dataset_name: str) -> dict:
+    """A configuration as flat MLflow params ("lr", "model.mlp", ...)."""
+    return {"dataset": dataset_name, "dataset_path": cfg.dataset, "features": cfg.features,
+            **{f"model.{k}": v for k, v in asdict(cfg.model).items()},
+            **{k: v for k, v in asdict(cfg).items() if k not in ("model", "dataset", "features")}}
 
 
 def train(cfg: TrainConfig, register: bool = False, crash_at_epoch: int | None = None) -> TrainResult:

@@ -1,7 +1,8 @@
 """Seeded splits of a ratings table into train / validation / test row positions.
 
 - `random_split`: ratings shuffled and cut 70/10/20 (the paper's 7:2 plus a validation part).
-- `kfold`: k disjoint test folds covering every rating once.
+- `kfold`: k disjoint test folds covering every rating once (a validation slice carved from
+  each fold's training part, if asked).
 - `stratified_split`: per user, 75 % of the ratings to train and 25 % to test (the Microsoft
   Recommenders protocol), with a validation slice carved from each user's train part.
 - `cold_start_split`: whole users and whole items held out, so none of them is seen in training.
@@ -44,15 +45,21 @@ def random_split(n_ratings: int, fractions: tuple[float, float, float] = (0.7, 0
     return Split(np.sort(order[:n_train]), np.sort(order[n_train:cut]), np.sort(order[cut:]))
 
 
-def kfold(n_ratings: int, k: int = 5, seed: int = 0) -> list[Split]:
-    """k splits whose test parts partition all ratings; the rest of each is its training part."""
+def kfold(n_ratings: int, k: int = 5, seed: int = 0, validation: float = 0.0) -> list[Split]:
+    """k splits whose test parts partition all ratings; the rest of each is its training part, less
+    a seeded `validation` fraction of it carved out to choose epochs on."""
     if not 2 <= k <= n_ratings:
         raise ValueError(f"k must be between 2 and the number of ratings ({n_ratings}), got {k}")
-    folds = np.array_split(np.random.default_rng(seed).permutation(n_ratings), k)
-    return [
-        Split(np.sort(np.concatenate(folds[:i] + folds[i + 1:])), EMPTY, np.sort(fold))
-        for i, fold in enumerate(folds)
-    ]
+    if not 0 <= validation < 1:
+        raise ValueError(f"validation must be in [0, 1), got {validation}")
+    rng = np.random.default_rng(seed)
+    folds = np.array_split(rng.permutation(n_ratings), k)
+    splits = []
+    for i, fold in enumerate(folds):
+        rest = rng.permutation(np.concatenate(folds[:i] + folds[i + 1:]))
+        cut = int(round(validation * len(rest)))
+        splits.append(Split(np.sort(rest[cut:]), np.sort(rest[:cut]), np.sort(fold)))
+    return splits
 
 
 def stratified_split(

@@ -1,0 +1,489 @@
+"""`fusionrec tune`: a Ray Tune search over training configurations, chosen on validation only.
+
+    SearchSpace.load(path)    tune/*.yaml -> a checked search space (unknown keys, bad ranges fail)
+    fit_in_trial(...)         train.py's epoch loop inside one Tune trial, one report per epoch
+    search(...)               Tuner (ASHA + Optuna TPE, or random) -> leaderboard -> the best trial's
+                              model scored on test once -> MLflow (a parent run, a child per trial)
+
+Each trial trains in its own process with `cpus_per_trial` CPUs (no nested Ray Train worker group:
+on a small cluster that would hold a CPU per trial for the driver alone, see STACK.md), so as many
+trials run at once as the cluster has CPUs for. The test part never reaches a trial.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+
+from fusionrec.config import state_folder
+from fusionrec.data.io import atomic_file
+from fusionrec.models.nets import ModelConfig
+from fusionrec.train import (
+    LoopData,
+    TrainConfig,
+    log_epoch,
+    loop_config,
+    loop_data,
+    make_optimizer,
+    new_model,
+    run_epochs,
+)
+
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
+SPACE_KEYS = {"description", "fixed", "search"}
+PER_RUN = {"dataset", "features"}  # given on the command line, never searched
+# What a run is compared on (registry.IDENTITY): a space may fix these, never search them, so that
+# every trial of a search is selected on the same validation data.
+NOT_SEARCHED = {"split", "seed", "objective", "k", "workers", "max_failures"}
+SEARCHES = ("tpe", "random")
+
+
+def _settings_keys() -> set[str]:
+    """Every setting a space may fix or search: TrainConfig fields and model.<ModelConfig field>."""
+    train = set(TrainConfig.__dataclass_fields__) - {"model"} - PER_RUN
+    return train | {f"model.{k}" for k in ModelConfig.__dataclass_fields__}
+
+
+def with_settings(settings: dict, dotted: dict) -> dict:
+    """`settings` (TrainConfig.to_dict() shape) with `dotted` values ("lr", "model.mlp") put in."""
+    out = {**settings, "model": dict(settings.get("model") or {})}
+    for key, value in dotted.items():
+        if key.startswith("model."):
+            out["model"][key.removeprefix("model.")] = value
+        else:
+            out[key] = value
+    return out
+
+
+def _flatten(fixed: dict) -> dict:
+    """A `fixed:` block, whose `model` may be a nested mapping, as dotted keys."""
+    model = fixed.get("model")
+    flat = {k: v for k, v in fixed.items() if k != "model" or not isinstance(v, dict)}
+    if isinstance(model, dict):
+        flat |= {f"model.{k}": v for k, v in model.items()}
+    return flat
+
+
+@dataclass
+class SearchSpace:
+    """A search space from tune/*.yaml:
+
+        description: ...
+        fixed:  {objective: rating, model: {model: fusion, variant: full}}   # every trial
+        search:                                                              # sampled per trial
+          model.mlp: {choice: [[64, 32], [128, 64]]}
+          lr: {loguniform: [0.001, 0.02]}
+    """
+
+    path: Path
+    fixed: dict = field(default_factory=dict)  # dotted keys
+    search: dict = field(default_factory=dict)  # dotted key -> {distribution: argument}
+    description: str = ""
+
+    @classmethod
+    def load(cls, path: Path) -> SearchSpace:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such search space file")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping with `fixed` and `search`")
+        for key in raw:
+            if key not in SPACE_KEYS:
+                raise ValueError(f"{path}: unknown key {key!r} (expected {', '.join(sorted(SPACE_KEYS))})")
+        space = cls(path, _flatten(raw.get("fixed") or {}), raw.get("search") or {}, raw.get("description", ""))
+        space.check()
+        return space
+
+    def check(self) -> None:
+        known = _settings_keys()
+        for key in [*self.fixed, *self.search]:
+            if key not in known:
+                hint = " (given on the command line)" if key in PER_RUN else ""
+                raise ValueError(f"{self.path}: unknown setting {key!r}{hint}")
+        if not self.search:
+            raise ValueError(f"{self.path}: `search` names no setting to search")
+        for key in self.search:
+            if key in NOT_SEARCHED:
+                raise ValueError(f"{self.path}: {key!r} cannot be searched (every trial must be selected on the "
+                                 "same validation data); fix it under `fixed` or pass it on the command line")
+        for key, spec in self.search.items():
+            values = self._check_distribution(key, spec)
+            for value in values:  # every value a trial can get must make a valid configuration
+                self._check_setting(key, value)
+        for key, value in self.fixed.items():
+            self._check_setting(key, value)
+
+    def _check_distribution(self, key: str, spec) -> list:
+        """The values worth checking as settings: every choice, or both ends of a range."""
+        where = f"{self.path}: search.{key}"
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+            raise ValueError(f"{where}: expected one of {', '.join(f'{{{d}: ...}}' for d in DISTRIBUTIONS)}")
+        kind, argument = next(iter(spec.items()))
+        if kind == "choice":
+            if not isinstance(argument, list) or not argument:
+                raise ValueError(f"{where}: choice needs a non-empty list")
+            return argument
+        if (not isinstance(argument, list) or len(argument) != 2
+                or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in argument)):
+            raise ValueError(f"{where}: {kind} needs [low, high] numbers")
+        low, high = argument
+        if not low < high:
+            raise ValueError(f"{where}: bad range [{low}, {high}]: low must be below high")
+        if kind == "loguniform" and low <= 0:
+            raise ValueError(f"{where}: bad range [{low}, {high}]: loguniform needs low > 0")
+        if kind == "randint" and not all(isinstance(v, int) for v in argument):
+            raise ValueError(f"{where}: randint needs integer bounds")
+        return [low, high - 1 if kind == "randint" else high]
+
+    def _check_setting(self, key: str, value) -> None:
+        settings = with_settings({"dataset": "-", **self.fixed_settings()}, {key: value})
+        try:
+            TrainConfig.from_dict(settings).check()
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{self.path}: {key} = {value!r}: {error}") from None
+
+    def fixed_settings(self) -> dict:
+        return with_settings({}, self.fixed)
+
+    def param_space(self) -> dict:
+        """The `search` block as Ray Tune distributions, keyed by dotted setting names."""
+        from ray import tune
+
+        make = {"choice": tune.choice, "uniform": lambda a: tune.uniform(*a),
+                "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(*a)}
+        return {key: make[kind](argument) for key, spec in self.search.items() for kind, argument in spec.items()}
+
+    def models(self) -> set[str]:
+        """The model types trials may train (the CNN needs raw pixels loaded)."""
+        choice = self.search.get("model.model", {}).get("choice")
+        return set(choice) if choice else {self.fixed.get("model.model", "fusion")}
+
+
+def _report_checkpoint(state: dict, extra: dict) -> object:
+    """A Tune checkpoint of a resumable training state (a temporary folder Tune copies)."""
+    from ray import tune
+
+    folder = tempfile.mkdtemp(prefix="fusionrec-trial-")
+    torch.save({**state, **extra}, Path(folder) / "state.pt")
+    return tune.Checkpoint.from_directory(folder)
+
+
+def fit_in_trial(cfg: TrainConfig, data: LoopData, threads: int,
+                 report: Callable[[dict, dict], None] | None = None) -> tuple[torch.nn.Module, dict]:
+    """Train one configuration in this process (a Tune trial): the epoch loop of train.py over
+    in-memory shuffled batches, resumed from the trial's checkpoint if Tune restored one. Each epoch
+    reports its validation metrics, the best so far (`best_<metric>`, `best_epoch`) and a checkpoint.
+    Returns (the best model on validation, eval mode; the last state)."""
+    from ray import tune
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.seed)
+    config = loop_config(cfg, data, threads)
+    model = new_model(data, config["model"])
+    optimizer = make_optimizer(model, cfg.lr, cfg.id_l2)
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            resume = torch.load(Path(folder) / "state.pt", weights_only=False)
+    users, items, ratings = (torch.as_tensor(data.train[c].to_numpy()) for c in ("user_idx", "item_idx", "rating"))
+
+    def batches(epoch: int):
+        order = torch.randperm(len(users), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        for start in range(0, len(order), cfg.batch_size):
+            batch = order[start:start + cfg.batch_size]
+            yield users[batch], items[batch], ratings[batch]
+
+    last: dict = {}
+
+    def on_epoch(metrics: dict, state: dict) -> None:
+        last.update(state)
+        best = state["best"]
+        metrics = {**metrics, f"best_{cfg.selection.metric}": best["value"], "best_epoch": best["epoch"]}
+        if report:
+            report(metrics, state)
+
+    run_epochs(model, optimizer, data, config, batches, on_epoch, resume)
+    model.load_state_dict(last["best"]["state"])
+    return model.eval(), last
+
+
+def run_trial(sampled: dict, data: LoopData, base: dict, threads: int, mlflow_target: dict) -> None:
+    """One trial of `fusionrec tune`: `base` settings with the sampled ones, logged as a child run."""
+    from mlflow import MlflowClient
+    from ray import tune
+
+    from fusionrec.train import config_params
+
+    cfg = TrainConfig.from_dict(with_settings(base, sampled))
+    client = MlflowClient(mlflow_target["uri"])
+    trial_id = tune.get_context().get_trial_id()
+    checkpoint = tune.get_checkpoint()
+    if checkpoint:  # resumed: keep logging to the trial's run
+        with checkpoint.as_directory() as folder:
+            run_id = torch.load(Path(folder) / "state.pt", weights_only=False)["run_id"]
+    else:
+        run = client.create_run(mlflow_target["experiment_id"], run_name=trial_id, tags={
+            **mlflow_target["tags"], "mlflow.parentRunId": mlflow_target["parent"], "fusionrec.trial_id": trial_id})
+        run_id = run.info.run_id
+        params = config_params(cfg, mlflow_target["dataset_name"])
+        client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
+
+    def report(metrics: dict, state: dict) -> None:
+        log_epoch({"uri": mlflow_target["uri"], "run_id": run_id}, metrics)
+        tune.report({**metrics, "mlflow_run_id": run_id}, checkpoint=_report_checkpoint(state, {"run_id": run_id}))
+
+    fit_in_trial(cfg, data, threads, report)
+
+
+def _param(key: str, value):
+    from mlflow.entities import Param
+
+    return Param(key, str(value))
+
+
+class TrialProgress:
+    """A Tune callback: a bar over trials and one line per finished, stopped or failed trial, which
+    `describe(trial, state)` writes ("done" / "failed")."""
+
+    def __new__(cls, total: int, describe: Callable[[object, str], str]):
+        from ray.tune import Callback
+        from tqdm import tqdm
+
+        class _Progress(Callback):
+            def __init__(self):
+                self.bar = tqdm(total=total, desc="trials", unit="trial", disable=None)
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                self.bar.write(describe(trial, "done"), file=sys.stderr)
+                self.bar.update(1)
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                self.bar.write(describe(trial, "failed"), file=sys.stderr)
+                self.bar.update(1)
+
+            def close(self) -> None:
+                self.bar.close()
+
+        return _Progress()
+
+
+def _describe_trial(metric: str, epochs: int) -> Callable[[object, str], str]:
+    def describe(trial, state: str) -> str:
+        result = trial.last_result or {}
+        value = result.get(f"best_{metric}")
+        epochs_run = result.get("training_iteration", 0)
+        stopped = state == "done" and epochs_run < epochs
+        return (f"trial {trial.trial_id}: {'stopped early' if stopped else state} after {epochs_run} epoch(s), "
+                f"best {metric} {'-' if value is None else f'{value:.4f}'}  {_short(trial.config)}")
+
+    return describe
+
+
+def quiet_tune() -> None:
+    """Our own progress lines replace Tune's tables; Optuna's note on list-valued choices (MLP
+    widths) concerns its persistent storage, which a search does not use."""
+    import warnings
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0
+    warnings.filterwarnings("ignore", message="Choices for a categorical distribution should be")
+
+
+def _short(config: dict) -> str:
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(config.items()))
+
+
+def _fmt(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, list) else str(value)
+
+
+@dataclass
+class SearchResult:
+    leaderboard: pd.DataFrame  # one row per trial, best first
+    best: dict  # the selected trial's settings (TrainConfig.to_dict() shape)
+    best_run_id: str
+    parent_run_id: str
+    test_metrics: dict
+    selection: tuple[str, float]
+    experiment_path: str
+    promotion: object | None = None
+
+
+def _experiment_folder(space: SearchSpace, dataset_name: str, resume: bool) -> Path:
+    root = state_folder() / "tune"
+    stem = f"{space.path.stem}-{dataset_name}"
+    if resume:
+        found = sorted(root.glob(f"{stem}-*"))
+        if not found:
+            raise ValueError(f"no earlier search of {space.path} on {dataset_name} under {root} to resume")
+        return found[-1]
+    return root / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _leaderboard(grid, metric: str, mode: str, epochs: int) -> pd.DataFrame:
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        value = metrics.get(f"best_{metric}")
+        epochs_run = int(metrics.get("training_iteration", 0))
+        rows.append({"trial": metrics.get("trial_id", Path(result.path).name), **{k: _fmt(v) for k, v in
+                                                                                  result.config.items()},
+                     f"best_{metric}": value, "best_epoch": metrics.get("best_epoch"), "epochs_run": epochs_run,
+                     "stopped_early": result.error is None and epochs_run < epochs,
+                     "status": "failed" if result.error else "done", "mlflow_run_id": metrics.get("mlflow_run_id")})
+    board = pd.DataFrame(rows)
+    if board.empty:
+        return board
+    worst = math.inf if mode == "min" else -math.inf
+    key = board[f"best_{metric}"].astype(float).fillna(worst)
+    return board.iloc[key.argsort(kind="stable")[::1 if mode == "min" else -1]].reset_index(drop=True)
+
+
+def search(dataset: str, features: str | None, space_path: Path, trials: int = 20, epochs: int = 15,
+           max_concurrent: int | None = None, cpus_per_trial: float = 1, seed: int = 0, split: str = "random",
+           objective: str | None = None, search_alg: str = "tpe", early_stopping: bool = True,
+           register: bool = False, resume: bool = False, progress: bool = True) -> SearchResult:
+    """The whole `fusionrec tune` (see the module docstring). Interrupted (Ctrl-C): raises
+    KeyboardInterrupt after Tune saved its state; `resume=True` continues that search."""
+    import mlflow
+    from mlflow import MlflowClient
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    from fusionrec import registry
+    from fusionrec.ray_runtime import cluster_cpus, ensure_ray
+    from fusionrec.train import log_trained_model, prepare, run_identity, score_test
+
+    if search_alg not in SEARCHES:
+        raise ValueError(f"unknown search {search_alg!r}: choose one of {', '.join(SEARCHES)}")
+    if trials < 1 or epochs < 1 or cpus_per_trial <= 0 or (max_concurrent is not None and max_concurrent < 1):
+        raise ValueError("--trials, --epochs and --max-concurrent must be at least 1, --cpus-per-trial positive")
+    space = SearchSpace.load(space_path)
+    base = with_settings(space.fixed_settings(), {"dataset": str(dataset), "features": str(features) if features
+                                                  else None, "epochs": epochs, "seed": seed, "split": split})
+    if objective:
+        base["objective"] = objective
+    base_cfg = TrainConfig.from_dict(base)
+    base_cfg.check()
+    selection = base_cfg.selection
+    prepared = prepare(base_cfg, pixels="cnn" in space.models())
+    folder = _experiment_folder(space, prepared.dataset.spec.name, resume)
+    if not resume and folder.exists():
+        raise FileExistsError(f"{folder}: a search already writes there")
+
+    experiment_id = registry.setup()
+    ensure_ray()
+    concurrency = max_concurrent or max(1, int(cluster_cpus() // cpus_per_trial))
+    threads = max(1, int(cpus_per_trial))
+    record = folder / "fusionrec-search.json"
+    if resume:
+        parent_id = json.loads(record.read_text())["parent_run_id"]
+    else:
+        with mlflow.start_run(run_name=f"tune {space.path.stem}") as parent:
+            parent_id = parent.info.run_id
+            mlflow.log_params({"space": str(space.path), "trials": trials, "epochs": epochs, "search": search_alg,
+                               "early_stopping": early_stopping, "max_concurrent": concurrency,
+                               "cpus_per_trial": cpus_per_trial, "dataset": dataset, "features": features,
+                               "split": split, "seed": seed, "objective": base_cfg.objective})
+            mlflow.log_artifact(str(space.path))
+    target = {"uri": registry.tracking_uri(), "experiment_id": experiment_id, "parent": parent_id,
+              "tags": run_identity(base_cfg, prepared), "dataset_name": prepared.dataset.spec.name}
+    data = loop_data(prepared.users, prepared.items, prepared.ratings, prepared.split)  # no test rows
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, data=data, base=base, threads=threads, mlflow_target=target),
+        {"cpu": cpus_per_trial})
+    quiet_tune()
+    callback = TrialProgress(trials, _describe_trial(selection.metric, epochs)) if progress else None
+    run_config = tune.RunConfig(name=folder.name, storage_path=str(folder.parent), verbose=0,
+                                callbacks=[callback] if callback else None)
+    if resume:
+        if not tune.Tuner.can_restore(str(folder)):
+            raise ValueError(f"{folder}: no Tune state to resume from")
+        tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True)
+    else:
+        searcher = (OptunaSearch(metric=selection.metric, mode=selection.mode, seed=seed) if search_alg == "tpe"
+                    else BasicVariantGenerator(random_state=seed))
+        scheduler = (ASHAScheduler(metric=selection.metric, mode=selection.mode, max_t=epochs, grace_period=1,
+                                   reduction_factor=2) if early_stopping else FIFOScheduler())
+        tuner = tune.Tuner(trainable, param_space=space.param_space(), run_config=run_config,
+                           tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
+                                                       max_concurrent_trials=concurrency, reuse_actors=True))
+        folder.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"parent_run_id": parent_id, "space": str(space.path), "base": base}))
+    try:
+        grid = tuner.fit()
+    finally:
+        if callback:
+            callback.close()
+    if grid.num_terminated + grid.num_errors < trials:
+        raise KeyboardInterrupt(f"search interrupted after {grid.num_terminated} of {trials} trials; "
+                                f"continue it with --resume ({folder})")
+    board = _leaderboard(grid, selection.metric, selection.mode, epochs)
+    done = board[board["status"] == "done"]
+    if done.empty or pd.isna(done.iloc[0][f"best_{selection.metric}"]):
+        raise RuntimeError(f"no trial finished with a {selection.metric}: see {folder}")
+    winner = done.iloc[0]
+    best_result = next(r for r in grid if r.metrics.get("mlflow_run_id") == winner["mlflow_run_id"])
+    best = with_settings(base, best_result.config)
+
+    # The choice is made: now, and only now, the selected model meets the test part.
+    with best_result.checkpoint.as_directory() as checkpoint:
+        state = torch.load(Path(checkpoint) / "state.pt", weights_only=False)
+    best_cfg = TrainConfig.from_dict(best)
+    model = new_model(data, loop_config(best_cfg, data, threads)["model"])
+    model.load_state_dict(state["best"]["state"])
+    test_metrics = score_test(model.eval(), best_cfg, prepared)
+    value = float(winner[f"best_{selection.metric}"])
+
+    client = MlflowClient()
+    _close_child_runs(client, board, selection.metric)
+    with mlflow.start_run(run_id=winner["mlflow_run_id"]):
+        mlflow.log_metrics({selection.metric: value, "best_epoch": float(winner["best_epoch"]),
+                            **{f"test_{k.replace('@', '_at_')}": v for k, v in test_metrics.items() if v is not None}})
+        model_uri = log_trained_model(model, best_cfg, prepared, winner["mlflow_run_id"], test_metrics)
+    with atomic_file(folder / "leaderboard.csv") as tmp:
+        board.to_csv(tmp, index=False)
+    with atomic_file(folder / "best.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(best, sort_keys=False))
+    with mlflow.start_run(run_id=parent_id):
+        mlflow.log_artifact(str(folder / "leaderboard.csv"))
+        mlflow.log_artifact(str(folder / "best.yaml"))
+        mlflow.log_metrics({f"best_{selection.metric}": value, "trials": len(board),
+                            "stopped_early": int(board["stopped_early"].sum()),
+                            **{f"test_{k.replace('@', '_at_')}": v for k, v in test_metrics.items() if v is not None}})
+        mlflow.set_tag("fusionrec.best_run_id", winner["mlflow_run_id"])
+    result = SearchResult(board, best, winner["mlflow_run_id"], parent_id, test_metrics, (selection.metric, value),
+                          str(folder))
+    if register:
+        result.promotion = registry.register(model_uri, winner["mlflow_run_id"])
+    return result
+
+
+def _close_child_runs(client, board: pd.DataFrame, metric: str) -> None:
+    """Mark each trial's run: its best validation value, whether ASHA stopped it, its final status."""
+    for row in board.itertuples(index=False):
+        run_id = row.mlflow_run_id
+        if not isinstance(run_id, str):
+            continue
+        value = getattr(row, f"best_{metric}")
+        if value is not None and not pd.isna(value):
+            client.log_metric(run_id, f"best_{metric}", float(value))
+        client.set_tag(run_id, "fusionrec.stopped_early", str(bool(row.stopped_early)).lower())
+        client.set_terminated(run_id, "FAILED" if row.status == "failed" else "FINISHED")

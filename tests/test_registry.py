@@ -1,0 +1,74 @@
+"""The promotion rule: `champion` moves only over a champion trained on the same data, features,
+split and objective, and only on a better selection metric; otherwise the reason is said."""
+
+from __future__ import annotations
+
+import pytest
+
+IDENTITY = {"data": "d1", "features": "f1", "split": "random", "seed": 0, "objective": "rating"}
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch, served_bundles):
+    from fusionrec import registry
+
+    monkeypatch.setenv("FUSIONREC_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    registry.setup()
+
+    def register(value: float | None, metric: str = "val_mse", mode: str = "min", **identity):
+        import mlflow
+
+        with mlflow.start_run() as run:
+            mlflow.set_tags(registry.identity_tags({**IDENTITY, **identity}, metric, mode))
+            if value is not None:
+                mlflow.log_metric(metric, value)
+            uri = registry.log_bundle(served_bundles["svd"])
+        return registry.register(uri, run.info.run_id)
+
+    return register
+
+
+def champion() -> str:
+    from mlflow import MlflowClient
+
+    return str(MlflowClient().get_model_version_by_alias("fusionrec", "champion").version)
+
+
+def test_better_on_the_same_data_split_and_objective_takes_the_alias(store):
+    assert store(0.9).promoted and champion() == "1"
+    worse = store(0.95)
+    assert not worse.promoted and "does not beat version 1's 0.9000" in worse.reason
+    better = store(0.8)
+    assert better.promoted and champion() == "3" and "beats version 1's 0.9000" in better.reason
+
+
+@pytest.mark.parametrize(("change", "label"), [
+    ({"data": "d2"}, "another dataset"),
+    ({"features": "f2"}, "another set of feature tables"),
+    ({"split": "stratified"}, "another split"),
+    ({"seed": 1}, "another split seed"),
+])
+def test_a_better_metric_on_other_data_does_not_move_the_alias(store, change, label):
+    store(0.9)
+    other = store(0.1, **change)
+    assert not other.promoted and champion() == "1"
+    assert label in other.reason and "fusionrec promote" in other.line()
+
+
+def test_an_implicit_model_never_replaces_a_rating_champion(store):
+    store(0.9)
+    implicit = store(0.45, metric="val_ndcg_at_10", mode="max", objective="implicit")
+    assert not implicit.promoted and "another objective" in implicit.reason and champion() == "1"
+
+
+def test_ndcg_is_maximised(store):
+    implicit = {"metric": "val_ndcg_at_10", "mode": "max", "objective": "implicit"}
+    store(0.30, **implicit)
+    assert store(0.35, **implicit).promoted and champion() == "2"
+    assert not store(0.32, **implicit).promoted
+
+
+def test_a_run_without_a_selection_metric_is_not_promoted(store):
+    result = store(None)
+    assert not result.promoted and "no selection metric" in result.reason

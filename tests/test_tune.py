@@ -1,0 +1,164 @@
+"""Search spaces are checked on load; `fusionrec tune` searches on validation only, with ASHA and
+MLflow parent/child runs; `fusionrec ablate` writes the paper's table."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from fusionrec.cli import app
+from fusionrec.tune import SearchSpace
+
+runner = CliRunner()
+GOOD = {"fixed": {"objective": "rating", "model": {"model": "fusion"}},
+        "search": {"model.mlp": {"choice": [[16, 8], [32, 16]]}, "lr": {"loguniform": [0.001, 0.05]}}}
+
+
+def write_space(tmp_path, space: dict, name: str = "space.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+@pytest.mark.parametrize("name", ["widths", "ablation", "implicit"])
+def test_shipped_spaces_load(name):
+    space = SearchSpace.load(f"tune/{name}.yaml")
+    assert space.search and set(space.param_space()) == set(space.search)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"serach": {}}, "unknown key 'serach'"),
+    ({"search": {"model.widths": {"choice": [[8]]}}}, "unknown setting 'model.widths'"),
+    ({"search": {"lr": {"uniform": [0.1, 0.01]}}}, "search.lr: bad range [0.1, 0.01]"),
+    ({"search": {"lr": {"loguniform": [0, 0.01]}}}, "loguniform needs low > 0"),
+    ({"search": {"lr": {"gaussian": [0, 1]}}}, "search.lr: expected one of"),
+    ({"search": {"model.variant": {"choice": ["full", "no_audio"]}}}, "model.variant = 'no_audio': unknown variant"),
+    ({"search": {"split": {"choice": ["random", "loo"]}}}, "'split' cannot be searched"),
+    ({"fixed": {"features": "x"}}, "unknown setting 'features' (given on the command line)"),
+])
+def test_bad_spaces_fail_naming_the_problem(tmp_path, change, message):
+    with pytest.raises(ValueError) as error:
+        SearchSpace.load(write_space(tmp_path, {**GOOD, **change}))
+    assert message in str(error.value)
+
+
+def test_cli_refuses_a_bad_space_in_one_line(tmp_path, tiny_shop):
+    bad = write_space(tmp_path, {**GOOD, "search": {"lr": {"uniform": [1, 1]}}})
+    result = runner.invoke(app, ["tune", str(tiny_shop), "--space", str(bad)])
+    assert result.exit_code == 1
+    assert result.stderr.strip().count("\n") == 0 and "bad range [1, 1]" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def features(random_features):
+    return random_features
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSIONREC_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path / "home"
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("local_ray")
+def test_search_selects_on_validation_and_logs_children_under_one_parent(home, tiny_shop, features, tmp_path,
+                                                                         monkeypatch):
+    from mlflow import MlflowClient
+    from ray import tune
+
+    import fusionrec.train
+    import fusionrec.tune
+    from fusionrec.train import load_config
+
+    events, shipped = [], []
+    original_fit, original_score, original_data = tune.Tuner.fit, fusionrec.train.score_test, fusionrec.tune.loop_data
+
+    def fit(self):
+        grid = original_fit(self)
+        events.append("search finished")
+        return grid
+
+    def score_test(*args, **kwargs):
+        events.append("test scored")
+        return original_score(*args, **kwargs)
+
+    def loop_data(*args):
+        shipped.append(original_data(*args))
+        return shipped[-1]
+
+    monkeypatch.setattr(tune.Tuner, "fit", fit)
+    monkeypatch.setattr(fusionrec.train, "score_test", score_test)
+    monkeypatch.setattr(fusionrec.tune, "loop_data", loop_data)
+    space = write_space(tmp_path, GOOD)
+    result = runner.invoke(app, ["tune", str(tiny_shop), "--features", str(features), "--space", str(space),
+                                 "--trials", "4", "--epochs", "2", "--register"])
+    assert result.exit_code == 0, result.output
+    assert events == ["search finished", "test scored"]  # the test part is scored once, after the choice
+
+    # What the trials received holds no test rating.
+    from fusionrec.train import TrainConfig, prepare
+
+    prepared = prepare(TrainConfig(dataset=str(tiny_shop), features=str(features)))
+    test_pairs = set(map(tuple, prepared.part("test")[["user_idx", "item_idx"]].to_numpy()))
+    for data in shipped:
+        for part in (data.train, data.validation):
+            assert not set(map(tuple, part[["user_idx", "item_idx"]].to_numpy())) & test_pairs
+
+    client = MlflowClient()
+    parent = client.search_runs([client.get_experiment_by_name("fusionrec").experiment_id],
+                                "tags.mlflow.runName = 'tune space'")[0]
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
+    assert all("val_loss" in c.data.metrics for c in children)
+    best_id = parent.data.tags["fusionrec.best_run_id"]
+    best = min(children, key=lambda c: c.data.metrics["best_val_mse"])
+    assert best.info.run_id == best_id  # the lowest validation MSE wins, whatever the test says
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"leaderboard.csv", "best.yaml"} <= artifacts
+    assert "registered fusionrec version 1: now champion" in result.stdout
+    assert client.get_model_version_by_alias("fusionrec", "champion").run_id == best_id
+
+    # best.yaml is a `fusionrec train --config` file as it is
+    best_yaml = next((home / "tune").glob("space-*/best.yaml"))
+    cfg = load_config(best_yaml)
+    assert cfg.model.mlp in ([16, 8], [32, 16]) and cfg.dataset == str(tiny_shop)
+    trained = runner.invoke(app, ["train", "--config", str(best_yaml), "--epochs", "1", "--model", "svd"])
+    assert trained.exit_code == 0, trained.output
+    assert "mse" in json.loads(trained.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("local_ray")
+def test_asha_stops_a_weak_trial_early(home, tiny_shop, features, tmp_path):
+    from fusionrec.tune import search
+
+    # One trial at a time over learning rates from hopeless to good: at the first rung ASHA must stop
+    # a trial that validates worse than half of those before it (seeded, so the order is fixed).
+    space = write_space(tmp_path, {"search": {"lr": {"loguniform": [1e-7, 0.05]}}}, "lr.yaml")
+    result = search(str(tiny_shop), str(features), space, trials=4, epochs=3, max_concurrent=1,
+                    search_alg="random", seed=3, progress=False)
+    board = result.leaderboard
+    assert len(board) == 4 and board["stopped_early"].any()
+    assert (board.loc[board["stopped_early"], "epochs_run"] < 3).all()
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("local_ray")
+def test_ablate_writes_the_table_with_eight_rows(home, tiny_shop, features, tmp_path):
+    out = tmp_path / "reports"
+    result = runner.invoke(app, ["ablate", str(tiny_shop), "--features", str(features), "--folds", "2",
+                                 "--epochs", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "ablation.csv")
+    assert table.columns[:2].tolist() == ["model", "mse"]
+    assert table["model"].tolist() == ["full", "neumf", "svd", "no_image", "no_text", "no_structured", "cnn", "dnn"]
+    assert table["mse"].between(0, 10).all() and (table["mse_std"] >= 0).all()
+    assert table["cold_start_mse"].notna().all()
+    assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| FusionNeuMF (full) |" in (out / "ablation.md").read_text()
