@@ -1,0 +1,206 @@
+"""`fusionrec k8s validate|render`, offline and without Ray: the committed k8s/ passes, and every
+error planted in a copy of it fails with one line naming it, `FILE: KIND/NAME: path.to.field: message`."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from fusionrec.cli import app
+from fusionrec.k8s import build
+
+REPO = Path(__file__).resolve().parents[1]
+PROBLEM = re.compile(r"^\S+: \S+: \S+: .+$")  # FILE: KIND/NAME: path.to.field: message
+RANKER_SCALING = "min_replicas: 1\n          max_replicas: 3"  # serve/config.yaml, the Ranker's bounds
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """A copy of k8s/ and of serve/config.yaml to plant errors in."""
+    shutil.copytree(REPO / "k8s", tmp_path / "k8s")
+    shutil.copy(REPO / "serve" / "config.yaml", tmp_path / "serve.yaml")
+    return tmp_path
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1))
+
+
+def k8s(command: str, tree: Path):
+    return runner.invoke(app, ["k8s", command, str(tree / "k8s"), "--serve-config", str(tree / "serve.yaml")])
+
+
+def problems(tree: Path) -> list[str]:
+    """The problem lines of a failing `fusionrec k8s validate`, checked for their form."""
+    result = k8s("validate", tree)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "error:" not in result.output
+    lines = result.stdout.splitlines()
+    assert lines and all(PROBLEM.match(line) for line in lines), lines
+    return lines
+
+
+def test_committed_tree_is_valid(monkeypatch):
+    monkeypatch.chdir(REPO)
+    result = runner.invoke(app, ["k8s", "validate", "k8s/"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("ok k8s: ") and "(base, overlays/dev, overlays/prod)" in result.stdout
+    assert "RayCluster" in result.stdout and "RayJob" in result.stdout and "RayService" in result.stdout
+
+
+@pytest.mark.parametrize("file, old, new, expected", [
+    ("base/rayjob-train.yaml", "ttlSecondsAfterFinished:", "ttlSecondsAfterFinish:",
+     "base/rayjob-train.yaml: RayJob/fusionrec-train: spec.ttlSecondsAfterFinish: unknown field "
+     "(did you mean 'ttlSecondsAfterFinished'?)"),
+    ("base/raycluster.yaml", "enableInTreeAutoscaling:", "enableInTreeAutoscale:",
+     "base/raycluster.yaml: RayCluster/fusionrec: spec.enableInTreeAutoscale: unknown field "
+     "(did you mean 'enableInTreeAutoscaling'?)"),
+    ("base/raycluster.yaml", "              resources:", "              resource:",  # in a pod template
+     "base/raycluster.yaml: RayCluster/fusionrec: spec.workerGroupSpecs[0].template.spec.containers[0].resource: "
+     "unknown field (did you mean 'resources'?)"),
+    ("base/mlflow.yaml", "  strategy:", "  stratgy:",
+     "base/mlflow.yaml: Deployment/fusionrec-mlflow: spec.stratgy: unknown field (did you mean 'strategy'?)"),
+], ids=["rayjob", "raycluster", "pod-template", "deployment"])
+def test_misspelt_field(tree, file, old, new, expected):
+    edit(tree / "k8s" / file, old, new)
+    assert any(line.endswith(expected) for line in problems(tree))
+
+
+@pytest.mark.parametrize("file, old, new, expected", [
+    ("base/raycluster.yaml", "      replicas: 1", "      replicas: two",
+     "base/raycluster.yaml: RayCluster/fusionrec: spec.workerGroupSpecs[0].replicas: 'two' is not of type 'integer'"),
+    ("base/rayjob-encode.yaml", "suspend: true", "suspend: yes please",
+     "base/rayjob-encode.yaml: RayJob/fusionrec-encode: spec.suspend: 'yes please' is not of type 'boolean'"),
+    ("base/mlflow.yaml", "  replicas: 1", "  replicas: one",
+     "base/mlflow.yaml: Deployment/fusionrec-mlflow: spec.replicas: 'one' is not of type 'integer', 'null'"),
+], ids=["raycluster", "rayjob", "deployment"])
+def test_wrong_type(tree, file, old, new, expected):
+    edit(tree / "k8s" / file, old, new)
+    assert any(line.endswith(expected) for line in problems(tree))
+
+
+def test_incremental_upgrade_needs_the_autoscaler(tree):
+    edit(tree / "k8s" / "base" / "rayservice.yaml", "enableInTreeAutoscaling: true", "enableInTreeAutoscaling: false")
+    assert any(line.endswith("RayService/fusionrec: spec.rayClusterConfig.enableInTreeAutoscaling: True was expected")
+               for line in problems(tree))
+
+
+def test_render_then_validate(tree):
+    """render rewrites only the serveConfigV2 block, from the Serve config it is given."""
+    manifest = tree / "k8s" / "base" / "rayservice.yaml"
+    before = manifest.read_text()
+    edit(tree / "serve.yaml", RANKER_SCALING, RANKER_SCALING.replace("3", "5"))
+    result = k8s("render", tree)
+    assert result.exit_code == 0 and result.stdout.startswith(f"rendered {manifest}"), result.output
+    after = manifest.read_text()
+    changed = [line for line in after.splitlines() if line not in before.splitlines()]
+    assert sorted(line.strip() for line in changed) == [f"# Generated by `fusionrec k8s render` from "
+                                                        f"{tree / 'serve.yaml'}: edit that file and render again.",
+                                                        "max_replicas: 5"]
+    service = next(doc for doc in yaml.safe_load_all(after) if doc["kind"] == "RayService")
+    served = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert served["http_options"]["host"] == "0.0.0.0" and served["proxy_location"] == "EveryNode"
+    assert k8s("validate", tree).exit_code == 0
+
+
+def test_drift_from_serve_config(tree):
+    """serve/config.yaml edited without `fusionrec k8s render`: the base and both overlays are stale."""
+    edit(tree / "serve.yaml", RANKER_SCALING, RANKER_SCALING.replace("3", "5"))
+    assert problems(tree) == [
+        f"{tree / 'k8s' / file}: RayService/fusionrec: spec.serveConfigV2.applications[0].deployments[2]"
+        f".autoscaling_config.max_replicas: differs from {tree / 'serve.yaml'} (3 here, 5 rendered): "
+        "run `fusionrec k8s render`"
+        for file in ("base/rayservice.yaml", "overlays/dev/kustomization.yaml", "overlays/prod/kustomization.yaml")]
+
+
+def test_drift_in_the_manifest(tree):
+    """A hand edit of the generated block fails too, in the base and in every overlay built on it."""
+    edit(tree / "k8s" / "base" / "rayservice.yaml", "max_replicas: 3", "max_replicas: 4")
+    lines = problems(tree)
+    assert len(lines) == 3 and all("differs from" in line and "(4 here, 3 rendered)" in line for line in lines)
+    assert {line.split(": ")[0] for line in lines} == {
+        str(tree / "k8s" / path) for path in ("base/rayservice.yaml", "overlays/dev/kustomization.yaml",
+                                              "overlays/prod/kustomization.yaml")}
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ("name: Ranker", "name: Rankr", "spec.serveConfigV2.applications[0].deployments[2].name: unknown deployment "
+                                    "'Rankr': application fusionrec.serve.app:build has Ingress, Encoder, Ranker"),
+    (RANKER_SCALING, RANKER_SCALING.replace("1", "4"), "spec.serveConfigV2.applications[0].deployments[2]"
+                                                       ".autoscaling_config: Value error, max_replicas (3) must be "
+                                                       "greater than or equal to min_replicas (4)!"),
+    ("upscale_delay_s: 1", "upscale_delay: 1", "spec.serveConfigV2.applications[0].deployments[2]"
+                                               ".autoscaling_config.upscale_delay: unknown field "
+                                               "(did you mean 'upscale_delay_s'?)"),
+    ("max_ongoing_requests: 32", "max_ongoing_requests: lots",
+     "spec.serveConfigV2.applications[0].deployments[2].max_ongoing_requests: Input should be a valid integer, "
+     "unable to parse string as an integer"),
+], ids=["unknown-deployment", "bad-autoscaling", "misspelt-autoscaling", "serve-schema"])
+def test_bad_serve_config(tree, old, new, expected):
+    """Rendered from a bad Serve config, so nothing drifts: only the planted error is reported."""
+    edit(tree / "serve.yaml", old, new)
+    assert k8s("render", tree).exit_code == 0
+    lines = problems(tree)
+    assert all(line.endswith(expected) for line in lines) and len(lines) == 3  # base, dev, prod
+    assert lines[0].startswith(f"{tree / 'k8s/base/rayservice.yaml'}: RayService/fusionrec: ")
+
+
+@pytest.mark.parametrize("file, old, new, expected", [
+    ("overlays/prod/kustomization.yaml", "/spec/workerGroupSpecs/0/maxReplicas", "/spec/workerGroupSpecs/7/maxReplicas",
+     "overlays/prod/kustomization.yaml: RayCluster/fusionrec: spec.workerGroupSpecs[7].maxReplicas: patches[1][0]: "
+     "cannot replace /spec/workerGroupSpecs/7/maxReplicas: no such field"),
+    ("overlays/prod/kustomization.yaml", "/spec/workerGroupSpecs/0/maxReplicas", "/spec/workerGroupSpecs/-1",
+     "overlays/prod/kustomization.yaml: RayCluster/fusionrec: spec.workerGroupSpecs.-1: patches[1][0]: "
+     "cannot replace /spec/workerGroupSpecs/-1: no such field"),
+    ("overlays/dev/kustomization.yaml", "  - ../../base", "  - ../../bsae",
+     "overlays/dev/kustomization.yaml: -: resources[0]: ../../bsae: neither a manifest file nor a folder with a "
+     "kustomization.yaml"),
+    ("overlays/dev/kustomization.yaml", "name: fusionrec-encode}", "name: fusionrec-encoder}",
+     "overlays/dev/kustomization.yaml: -: patches[2]: patch matches no resource (kind=RayJob name=fusionrec-encoder)"),
+    ("overlays/dev/kustomization.yaml", "patches:", "namePrefix: x-\npatches:",
+     "overlays/dev/kustomization.yaml: -: namePrefix: not supported by fusionrec's kustomize subset "
+     "(apiVersion, kind, resources, patches, images)"),
+    ("overlays/prod/kustomization.yaml", "  - name: fusionrec\n", "  - name: fusionrec-gpu\n",
+     "overlays/prod/kustomization.yaml: -: images[0]: no container uses image 'fusionrec-gpu'"),
+    ("overlays/dev/small.yaml", "accessModes: [ReadWriteOnce]", "accessModes: ReadWriteOnce",
+     "overlays/dev/kustomization.yaml: PersistentVolumeClaim/fusionrec-data: spec.accessModes: 'ReadWriteOnce' "
+     "is not of type 'array', 'null'"),
+], ids=["json6902-path", "json6902-index", "missing-resource", "unmatched-patch", "unsupported-field", "unused-image",
+        "invalid-output"])
+def test_broken_overlay(tree, file, old, new, expected):
+    edit(tree / "k8s" / file, old, new)
+    assert [line for line in problems(tree) if line.endswith(expected)]
+
+
+def test_resource_no_overlay_changes_is_reported_once(tree):
+    edit(tree / "k8s" / "base" / "mlflow.yaml", "targetPort: http", "targetPrt: http")
+    assert problems(tree) == [f"{tree / 'k8s/base/mlflow.yaml'}: Service/fusionrec-mlflow: spec.ports[0].targetPrt: "
+                              "unknown field (did you mean 'targetPort'?)"]
+
+
+def test_missing_serve_config(tree):
+    (tree / "serve.yaml").unlink()
+    result = k8s("validate", tree)
+    assert result.exit_code == 1 and result.output.strip() == f"error: {tree / 'serve.yaml'}: no such Serve config"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl (its built-in kustomize)")
+@pytest.mark.parametrize("kustomization", ["base", "overlays/dev", "overlays/prod"])
+def test_kustomize_subset_matches_kubectl(kustomization):
+    """Our kustomize subset builds the committed kustomizations exactly as kubectl's kustomize does."""
+    folder = REPO / "k8s" / kustomization
+    real = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, check=True,
+                          timeout=60).stdout
+    canonical = sorted(json.dumps(doc, sort_keys=True) for doc in yaml.safe_load_all(real))
+    assert sorted(json.dumps(manifest.doc, sort_keys=True) for manifest in build(folder)) == canonical
