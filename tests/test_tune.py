@@ -162,3 +162,34 @@ def test_ablate_writes_the_table_with_eight_rows(home, tiny_shop, features, tmp_
     assert table["cold_start_mse"].notna().all()
     assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     assert "| FusionNeuMF (full) |" in (out / "ablation.md").read_text()
+
+
+@pytest.mark.integration
+def test_ctrl_c_leaves_a_search_that_resume_finishes(tiny_shop, features, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    space = write_space(tmp_path, {"search": {"lr": {"loguniform": [0.001, 0.05]}}}, "lr.yaml")
+    env = {**os.environ, "FUSIONREC_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    from pathlib import Path
+
+    command = [str(Path(sys.executable).parent / "fusionrec"), "tune", str(tiny_shop), "--features", str(features),
+               "--space", str(space), "--trials", "4", "--epochs", "3", "--max-concurrent", "1",
+               "--no-early-stopping"]
+    search = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    for line in search.stderr:  # interrupt once the first trial has finished
+        if line.startswith("trial ") or time.monotonic() > deadline:
+            break
+    search.send_signal(signal.SIGINT)
+    _, err = search.communicate(timeout=300)
+    assert search.returncode == 1 and "continue it with --resume" in err and "Traceback" not in err
+
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    board = pd.read_csv(next((tmp_path / "home" / "tune").glob("lr-*/leaderboard.csv")))
+    assert len(board) == 4 and (board["status"] == "done").all()

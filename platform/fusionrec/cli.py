@@ -381,7 +381,7 @@ def tune(
     except KeyboardInterrupt as interrupted:
         fail(str(interrupted) or "search interrupted; continue it with --resume")
     metric, value = result.selection
-    columns = [c for c in result.leaderboard.columns if c not in ("mlflow_run_id", "status")]
+    columns = [c for c in result.leaderboard.columns if c not in ("mlflow_run_id", "status", "finished_at")]
     typer.echo(f"best 10 of {len(result.leaderboard)} trials by {metric} (validation):")
     typer.echo(result.leaderboard[columns].head(10).to_string(index=False))
     typer.echo(f"selected trial: {metric} {value:.4f}; its test metrics (scored once, after the choice): "

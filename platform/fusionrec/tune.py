@@ -345,6 +345,7 @@ def _leaderboard(grid, metric: str, mode: str, epochs: int) -> pd.DataFrame:
                                                                                   result.config.items()},
                      f"best_{metric}": value, "best_epoch": metrics.get("best_epoch"), "epochs_run": epochs_run,
                      "stopped_early": result.error is None and epochs_run < epochs,
+                     "seconds": metrics.get("time_total_s"), "finished_at": metrics.get("timestamp"),
                      "status": "failed" if result.error else "done", "mlflow_run_id": metrics.get("mlflow_run_id")})
     board = pd.DataFrame(rows)
     if board.empty:
@@ -357,9 +358,11 @@ def _leaderboard(grid, metric: str, mode: str, epochs: int) -> pd.DataFrame:
 def search(dataset: str, features: str | None, space_path: Path, trials: int = 20, epochs: int = 15,
            max_concurrent: int | None = None, cpus_per_trial: float = 1, seed: int = 0, split: str = "random",
            objective: str | None = None, search_alg: str = "tpe", early_stopping: bool = True,
-           register: bool = False, resume: bool = False, progress: bool = True) -> SearchResult:
+           register: bool = False, resume: bool = False, progress: bool = True,
+           time_budget_s: float | None = None) -> SearchResult:
     """The whole `fusionrec tune` (see the module docstring). Interrupted (Ctrl-C): raises
-    KeyboardInterrupt after Tune saved its state; `resume=True` continues that search."""
+    KeyboardInterrupt after Tune saved its state; `resume=True` continues that search.
+    `time_budget_s`: stop starting and running trials after that long (fewer trials may run)."""
     import mlflow
     from mlflow import MlflowClient
     from ray import tune
@@ -420,11 +423,15 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
     else:
         searcher = (OptunaSearch(metric=selection.metric, mode=selection.mode, seed=seed) if search_alg == "tpe"
                     else BasicVariantGenerator(random_state=seed))
-        scheduler = (ASHAScheduler(metric=selection.metric, mode=selection.mode, max_t=epochs, grace_period=1,
-                                   reduction_factor=2) if early_stopping else FIFOScheduler())
+        # Every trial gets a quarter of the epochs before ASHA may stop it: after one epoch a small
+        # learning rate looks worse than it ends.
+        scheduler = (ASHAScheduler(metric=selection.metric, mode=selection.mode, max_t=epochs,
+                                   grace_period=max(1, epochs // 4), reduction_factor=2)
+                     if early_stopping else FIFOScheduler())
         tuner = tune.Tuner(trainable, param_space=space.param_space(), run_config=run_config,
                            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
-                                                       max_concurrent_trials=concurrency, reuse_actors=True))
+                                                       max_concurrent_trials=concurrency, reuse_actors=True,
+                                                       time_budget_s=time_budget_s))
         folder.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"parent_run_id": parent_id, "space": str(space.path), "base": base}))
     try:
@@ -432,7 +439,7 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
     finally:
         if callback:
             callback.close()
-    if grid.num_terminated + grid.num_errors < trials:
+    if time_budget_s is None and grid.num_terminated + grid.num_errors < trials:
         raise KeyboardInterrupt(f"search interrupted after {grid.num_terminated} of {trials} trials; "
                                 f"continue it with --resume ({folder})")
     board = _leaderboard(grid, selection.metric, selection.mode, epochs)
