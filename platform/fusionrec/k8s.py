@@ -28,7 +28,11 @@ from dataclasses import dataclass, field
 from importlib import metadata, resources
 from pathlib import Path
 
+import jsonschema
+import kubernetes_validate
 import yaml
+from jsonschema.exceptions import best_match
+from referencing import Registry, Resource
 
 from fusionrec.k8s_schema import ray_schemas
 
@@ -72,9 +76,9 @@ class Report:
 
     def summary(self, folder: Path, serve_config: Path) -> str:
         kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(self.kinds.items()))
+        matches = f"; serveConfigV2 matches {serve_config}" if "RayService" in self.kinds else ""
         return (f"ok {folder}: {sum(self.kinds.values())} resources valid ({kinds}) from "
-                f"{len(self.kustomizations)} kustomizations ({', '.join(self.kustomizations)}); "
-                f"serveConfigV2 matches {serve_config}")
+                f"{len(self.kustomizations)} kustomizations ({', '.join(self.kustomizations)}){matches}")
 
 
 def _field(parts: typing.Iterable[object]) -> str:
@@ -148,15 +152,14 @@ def render(folder: Path, serve_config: Path) -> list[Path]:
         raise ValueError(str(exc.problem)) from None
     if not targets:
         raise ValueError(f"{folder}: no RayService with a spec.serveConfigV2 to render into")
+    def block(match: re.Match) -> str:
+        indent = match["indent"]
+        lines = "".join(f"{indent}  {line}\n" if line else "\n" for line in text.splitlines())
+        return f"{indent}serveConfigV2: |\n{lines}"
+
     for path, count in targets.items():
         source = path.read_text()
         source += "" if source.endswith("\n") else "\n"
-
-        def block(match: re.Match) -> str:
-            indent = match["indent"]
-            lines = "".join(f"{indent}  {line}\n" if line else "\n" for line in text.splitlines())
-            return f"{indent}serveConfigV2: |\n{lines}"
-
         rendered, found = _BLOCK.subn(block, source)
         if found != count:
             raise ValueError(f"{path}: spec.serveConfigV2 must be a literal block (`serveConfigV2: |`) to be rendered")
@@ -188,12 +191,14 @@ def build(folder: Path) -> list[Manifest]:
     spec = docs[0] if len(docs) == 1 else None
     if spec is None:
         raise Broken(Problem(str(file), "-", "-", "expected one YAML document"))
-    for key in spec:
+    for key, value in spec.items():
         if key not in KUSTOMIZE_FIELDS:
             raise Broken(Problem(str(file), "-", key, f"not supported by fusionrec's kustomize subset "
                                                       f"({', '.join(KUSTOMIZE_FIELDS)})"))
+        if key in ("resources", "patches", "images") and not isinstance(value, list):
+            raise Broken(Problem(str(file), "-", key, "expected a list"))
     manifests: list[Manifest] = []
-    for i, entry in enumerate(spec.get("resources") or []):
+    for i, entry in enumerate(spec.get("resources", [])):
         path = Path(os.path.normpath(folder / str(entry)))
         if (path / KUSTOMIZATION).is_file():
             manifests += build(path)
@@ -202,14 +207,15 @@ def build(folder: Path) -> list[Manifest]:
         else:
             raise Broken(Problem(str(file), "-", f"resources[{i}]",
                                  f"{entry}: neither a manifest file nor a folder with a {KUSTOMIZATION}"))
-    for i, patch in enumerate(spec.get("patches") or []):
+    for i, patch in enumerate(spec.get("patches", [])):
         _patch(manifests, patch, folder, f"patches[{i}]")
-    for i, image in enumerate(spec.get("images") or []):
+    for i, image in enumerate(spec.get("images", [])):
         _set_image(manifests, image, file, f"images[{i}]")
     return manifests
 
 
 def _patch(manifests: list[Manifest], entry: object, folder: Path, where: str) -> None:
+    """Apply one `patches` entry of the kustomization in `folder` to the resources it targets."""
     file = str(folder / KUSTOMIZATION)
     if not isinstance(entry, dict) or set(entry) - {"path", "patch", "target"} \
             or ("path" in entry) == ("patch" in entry):
@@ -239,7 +245,10 @@ def _patch(manifests: list[Manifest], entry: object, folder: Path, where: str) -
             raise Broken(Problem(file, "-", where, "expected a merge patch (a mapping) or JSON 6902 operations"))
         selector = target or {"kind": patch.get("kind"), "name": (patch.get("metadata") or {}).get("name")}
         for manifest in _targets(manifests, selector, file, where):
-            _merge(manifest.doc, patch, file, where)
+            try:
+                _merge(manifest.doc, patch)
+            except ValueError as exc:
+                raise Broken(Problem(file, _name(manifest.doc), where, str(exc))) from None
             manifest.source = file
 
 
@@ -283,6 +292,7 @@ def _operate(doc: dict, op: str, tokens: list[str], value: object) -> None:
 
 
 def _json_patch(manifest: Manifest, operations: list, file: str, where: str) -> None:
+    """Apply JSON 6902 operations in order; Broken, naming the field, at the first that cannot apply."""
     for k, operation in enumerate(operations):
         at = f"{where}[{k}]"
         op = operation.get("op") if isinstance(operation, dict) else None
@@ -304,19 +314,20 @@ def _named(items: list) -> bool:
     return all(isinstance(item, dict) and "name" in item for item in items)
 
 
-def _merge(target: dict, patch: dict, file: str, where: str) -> None:
+def _merge(target: dict, patch: dict) -> None:
+    """A merge patch as kustomize applies one (see `build`); ValueError on a strategic-merge directive."""
     for key, value in patch.items():
-        if str(key).startswith("$patch"):
-            raise Broken(Problem(file, _name(target), where, f"{key}: directives are not supported"))
+        if str(key).startswith("$"):
+            raise ValueError(f"{key}: strategic-merge directives are not supported")
         if value is None:
             target.pop(key, None)
         elif isinstance(value, dict) and isinstance(target.get(key), dict):
-            _merge(target[key], value, file, where)
+            _merge(target[key], value)
         elif isinstance(value, list) and isinstance(target.get(key), list) and _named(value) and _named(target[key]):
             existing = {item["name"]: item for item in target[key]}
             for item in value:
                 if item["name"] in existing:
-                    _merge(existing[item["name"]], item, file, where)
+                    _merge(existing[item["name"]], item)
                 else:
                     target[key].append(copy.deepcopy(item))
         else:
@@ -338,7 +349,8 @@ def _containers(node: object) -> typing.Iterator[dict]:
 
 
 def _split_image(image: str) -> tuple[str, str]:
-    """"registry:5000/app:tag" -> ("registry:5000/app", ":tag"); a digest stays with its suffix."""
+    """Split an image reference into its name and its tag or digest suffix: "registry:5000/app:tag" ->
+    ("registry:5000/app", ":tag")."""
     name, at, digest = image.partition("@")
     if at:
         return name.rsplit(":", 1)[0] if ":" in name.rsplit("/", 1)[-1] else name, f"@{digest}"
@@ -347,6 +359,7 @@ def _split_image(image: str) -> tuple[str, str]:
 
 
 def _set_image(manifests: list[Manifest], image: object, file: Path, where: str) -> None:
+    """Apply one `images` entry: every container running that image gets the new name, tag or digest."""
     if not isinstance(image, dict) or "name" not in image or set(image) - {"name", "newName", "newTag", "digest"}:
         raise Broken(Problem(str(file), "-", where, "expected `name` and any of `newName`, `newTag`, `digest`"))
     used = False
@@ -373,13 +386,11 @@ def _unknown_field(key: str, known: typing.Iterable[str]) -> str:
     return f"unknown field{f' (did you mean {close[0]!r}?)' if close else ''}"
 
 
-def _describe(error, prefix: tuple = ()) -> list[tuple[str, str]]:
+def _describe(error) -> list[tuple[str, str]]:
     """A jsonschema error as (field, message) lines; an unknown field is named by its own path."""
-    from jsonschema.exceptions import best_match
-
     if error.context:
         error = best_match(error.context)
-    path = prefix + tuple(error.absolute_path)
+    path = tuple(error.absolute_path)
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         known = error.schema.get("properties", {})
         return [(_field(path + (key,)), _unknown_field(key, known)) for key in error.instance if key not in known]
@@ -448,10 +459,6 @@ class Checker:
     """Validates one resource at a time; built once (schemas, the rendered Serve config)."""
 
     def __init__(self, serve_config: Path):
-        import jsonschema
-        import kubernetes_validate
-        from referencing import Registry, Resource
-
         self.k8s_version = kubernetes_validate.latest_version()
         folder = resources.files("kubernetes_validate") / "kubernetes-json-schema" / f"v{self.k8s_version}-local-strict"
         registry = Registry().with_resources(
@@ -477,8 +484,6 @@ class Checker:
             if doc["kind"] == "RayService" and isinstance(spec.get("serveConfigV2"), str):
                 found += self._serve_config(spec["serveConfigV2"])
             return found
-        import kubernetes_validate
-
         try:
             kubernetes_validate.validate(doc, self.k8s_version, strict=True)
         except kubernetes_validate.SchemaNotFoundError as exc:
