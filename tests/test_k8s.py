@@ -84,7 +84,9 @@ def test_misspelt_field(tree, file, old, new, expected):
      "base/rayjob-encode.yaml: RayJob/fusionrec-encode: spec.suspend: 'yes please' is not of type 'boolean'"),
     ("base/mlflow.yaml", "  replicas: 1", "  replicas: one",
      "base/mlflow.yaml: Deployment/fusionrec-mlflow: spec.replicas: 'one' is not of type 'integer', 'null'"),
-], ids=["raycluster", "rayjob", "deployment"])
+    ("base/rayjob-train.yaml", "    working_dir: /app", "    - working_dir /app",
+     "base/rayjob-train.yaml: RayJob/fusionrec-train: spec.runtimeEnvYAML: not a mapping (a Ray runtime_env)"),
+], ids=["raycluster", "rayjob", "deployment", "runtime-env"])
 def test_wrong_type(tree, file, old, new, expected):
     edit(tree / "k8s" / file, old, new)
     assert any(line.endswith(expected) for line in problems(tree))

@@ -455,6 +455,15 @@ def _difference(here: object, there: object, path: tuple = ()) -> tuple[tuple, o
     return None if here == there else (path, here, there)
 
 
+def _runtime_env(text: str) -> list[tuple[str, str]]:
+    """KubeRay refuses a RayJob whose runtimeEnvYAML is not a YAML mapping (Ray's runtime_env)."""
+    try:
+        env = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        return [("spec.runtimeEnvYAML", f"not YAML: {' '.join(str(exc).split())}")]
+    return [] if isinstance(env, dict) else [("spec.runtimeEnvYAML", "not a mapping (a Ray runtime_env)")]
+
+
 class Checker:
     """Validates one resource at a time; built once (schemas, the rendered Serve config)."""
 
@@ -483,6 +492,8 @@ class Checker:
             spec = doc.get("spec") if isinstance(doc.get("spec"), dict) else {}
             if doc["kind"] == "RayService" and isinstance(spec.get("serveConfigV2"), str):
                 found += self._serve_config(spec["serveConfigV2"])
+            if doc["kind"] == "RayJob" and isinstance(spec.get("runtimeEnvYAML"), str):
+                found += _runtime_env(spec["runtimeEnvYAML"])
             return found
         try:
             kubernetes_validate.validate(doc, self.k8s_version, strict=True)
