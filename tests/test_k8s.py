@@ -191,6 +191,13 @@ def test_resource_no_overlay_changes_is_reported_once(tree):
                               "unknown field (did you mean 'targetPort'?)"]
 
 
+def test_not_yaml(tree):
+    """Reported once, though the base and both overlays fail to build on it."""
+    edit(tree / "k8s" / "base" / "raycluster.yaml", "  rayVersion:", "\trayVersion:")
+    lines = problems(tree)
+    assert len(lines) == 1 and lines[0].startswith(f"{tree / 'k8s/base/raycluster.yaml'}: -: -: not YAML: ")
+
+
 def test_missing_serve_config(tree):
     (tree / "serve.yaml").unlink()
     result = k8s("validate", tree)

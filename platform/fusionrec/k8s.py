@@ -578,4 +578,5 @@ def validate(folder: Path, serve_config: Path) -> Report:
         report.kinds[kind] = report.kinds.get(kind, 0) + 1
         report.problems += [Problem(manifest.source, _name(manifest.doc), where, message)
                             for where, message in checker.check(manifest.doc)]
+    report.problems = list(dict.fromkeys(report.problems))  # a broken base breaks each overlay the same way
     return report
