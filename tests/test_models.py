@@ -211,3 +211,45 @@ def test_a_bundle_from_another_model_version_fails_in_one_line(tmp_path):
     torch.save(weights, tmp_path / "b" / "model.pt")
     with pytest.raises(ValueError, match="do not fit this version's fusion model .*train and register it again"):
         load_bundle(tmp_path / "b")
+
+
+def test_feature_tables_the_dataset_needs_must_be_there(tmp_path):
+    from fusionrec.encoders.pipeline import _write
+
+    users = pd.DataFrame({"user_id": ["u0", "u1"], "bio": ["likes silk", None], "photo": [None, None]})
+    spec = TableSpec("user_id", text="bio", image="photo")
+    with pytest.raises(FileNotFoundError, match="no such features folder"):
+        build_side(users, spec, "users", tmp_path / "nowhere")
+    features = tmp_path / "features"
+    features.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"users\.text\.parquet: no such feature table.*'bio'"):
+        build_side(users, spec, "users", features)
+    frame = pd.DataFrame({"id": ["u0", "u1"], "content_hash": ["h", ""], "mask": [1, 0],
+                          "embedding": list(np.ones((2, 4), np.float32))})
+    _write(features / "users.text.parquet", frame, 4, {"encoder": "e", "kind": "text", "dim": 4})
+    side = build_side(users, spec, "users", features)  # no picture anywhere: no image table needed
+    assert side.text.shape == (3, 4) and side.image.shape == (3, 0)
+    assert side.text[:, 0].tolist() == [1.0, 0.0, 0.0]  # mask 0 and the unknown row stay zero
+
+
+def test_only_fusion_has_variants():
+    for model in ("svd", "neumf", "dnn", "cnn"):
+        with pytest.raises(ValueError, match=f"only the fusion model has variants \\({model} has none\\)"):
+            ModelConfig(model=model, variant="no_text").check()
+        ModelConfig(model=model).check()
+    ModelConfig(model="fusion", variant="no_text").check()
+
+
+def test_a_bundle_with_a_config_this_version_does_not_know_fails_naming_it(tmp_path):
+    import json
+
+    users, items = sides()
+    for model in ("fusion", "neumf"):  # neumf is saved as FusionNeuMF's id_only variant: it loads again
+        save_bundle(tmp_path / model, build_model(users, items, ModelConfig(model=model)), users, items,
+                    {"objective": "rating"})
+        assert load_bundle(tmp_path / model)[0].config.model == model
+    meta = json.loads((tmp_path / "fusion" / "bundle.json").read_text())
+    meta["model_config"]["colour"] = "red"
+    (tmp_path / "fusion" / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'fusion'}: .*a key this version does not know, 'colour'"):
+        load_bundle(tmp_path / "fusion")

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +45,40 @@ def _empty_side(meta: dict) -> SideContent:
                        **arrays)
 
 
+def _read_meta(folder: Path) -> dict:
+    path = folder / "bundle.json"
+    if not path.is_file():
+        raise ValueError(f"{folder}: not a model bundle (no bundle.json)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    missing = [key for key in ("model_config", "users", "items") if key not in meta]
+    if missing:
+        raise ValueError(f"{path}: no {missing[0]!r}; train and register the model again")
+    return meta
+
+
+def _model_config(folder: Path, raw: dict) -> ModelConfig:
+    """The bundle's ModelConfig; a key or value this version does not know fails naming the bundle."""
+    unknown = sorted(set(raw) - {f.name for f in fields(ModelConfig)})
+    if unknown:
+        raise ValueError(f"{folder}: bundle.json's model_config has a key this version does not know, "
+                         f"{unknown[0]!r}; train and register the model again")
+    config = ModelConfig(**raw)
+    try:
+        config.check()
+    except ValueError as error:
+        raise ValueError(f"{folder}: bundle.json's model_config: {error}") from None
+    return config
+
+
 def load_bundle(folder: Path) -> tuple[Recommender, dict]:
     """The model (eval mode, content restored from its buffers) and the bundle's metadata."""
     folder = Path(folder)
-    meta = json.loads((folder / "bundle.json").read_text())
-    model = build_model(_empty_side(meta["users"]), _empty_side(meta["items"]), ModelConfig(**meta["model_config"]))
+    meta = _read_meta(folder)
+    config = _model_config(folder, meta["model_config"])
+    model = build_model(_empty_side(meta["users"]), _empty_side(meta["items"]), config)
     try:
         model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
     except RuntimeError as error:  # saved by an older model definition: missing/unexpected keys

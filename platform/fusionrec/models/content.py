@@ -106,13 +106,19 @@ def _with_unknown_row(matrix: np.ndarray) -> np.ndarray:
     return np.concatenate([matrix, np.zeros((1, matrix.shape[1]), np.float32)]).astype(np.float32)
 
 
-def _embeddings(features: Path | None, side: str, kind: str, ids: np.ndarray) -> np.ndarray:
-    """The feature table's embeddings aligned to `ids` (rows with mask 0 or absent stay zero)."""
+def _embeddings(features: Path | None, side: str, kind: str, ids: np.ndarray, column: str,
+                values: list) -> np.ndarray:
+    """The feature table's embeddings aligned to `ids` (rows with mask 0 stay zero). None (width 0)
+    without a features folder, or for a column empty everywhere (encode writes no table for it);
+    otherwise the table must be there: a model must not quietly train without a declared modality."""
     from fusionrec.encoders.pipeline import embedding_matrix, feature_path, read_features
 
-    path = feature_path(features, side, kind) if features else None
-    if path is None or not path.is_file():
+    if features is None or all(is_missing(v) for v in values):
         return np.zeros((len(ids), 0), np.float32)
+    path = feature_path(features, side, kind)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such feature table, but the {side} have {kind} ({column!r}); "
+                                f"run `fusionrec encode` on this dataset with --out {features}")
     frame, _ = read_features(path)
     matrix = embedding_matrix(frame) * frame["mask"].to_numpy(np.float32)[:, None]
     position = {i: k for k, i in enumerate(frame["id"])}
@@ -145,14 +151,23 @@ def image_pixels(image) -> np.ndarray:
 
 def build_side(table: pd.DataFrame, spec: TableSpec, side: str, features: Path | None,
                images_root: Path | None = None) -> SideContent:
-    """`images_root` given: also load raw pixels (for the CNN baseline)."""
+    """`features`: the folder of `fusionrec encode`'s tables (None: no text/image embeddings).
+    `images_root` given: also load raw pixels (for the CNN baseline)."""
+    if features is not None and not Path(features).is_dir():
+        raise FileNotFoundError(f"{features}: no such features folder; make it with `fusionrec encode`")
     ids = table[spec.id].astype(str).to_numpy()
     encoder = StructuredEncoder.fit(table, spec)
     texts = table[spec.text].tolist() if spec.text else [None] * len(table)
+
+    def embeddings(kind: str, column: str | None) -> np.ndarray:
+        if not column:
+            return np.zeros((len(ids), 0), np.float32)
+        return _embeddings(features, side, kind, ids, column, table[column].tolist())
+
     return SideContent(
         ids=ids,
-        text=_with_unknown_row(_embeddings(features, side, "text", ids) if spec.text else np.zeros((len(ids), 0))),
-        image=_with_unknown_row(_embeddings(features, side, "image", ids) if spec.image else np.zeros((len(ids), 0))),
+        text=_with_unknown_row(embeddings("text", spec.text)),
+        image=_with_unknown_row(embeddings("image", spec.image)),
         structured=_with_unknown_row(encoder.transform(table)),
         words=_with_unknown_row(bag_of_words(texts) if spec.text else np.zeros((len(ids), 0))),
         encoder=encoder,

@@ -31,6 +31,7 @@ from fusionrec.models.content import PIXELS, SideContent
 
 CONTENT = ("text", "image", "structured", "words", "pixels")  # SideContent.arrays(), per row
 VARIANTS = ("full", "no_image", "no_text", "no_structured", "id_only")
+FIXED_VARIANT = {"neumf": "id_only"}  # the variant of FusionNeuMF that a baseline is
 MODELS = {
     "fusion": "FusionNeuMF: ID embeddings (GMF + MLP) fused with text, image and structured content",
     "neumf": "NeuMF (He et al. 2017) with IDs only",
@@ -62,6 +63,9 @@ class ModelConfig:
             raise ValueError(f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}")
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}: choose one of {', '.join(VARIANTS)}")
+        # Only FusionNeuMF has ablation variants; neumf is its id_only variant (and saved as such).
+        if self.model != "fusion" and self.variant not in ("full", FIXED_VARIANT.get(self.model)):
+            raise ValueError(f"--variant {self.variant}: only the fusion model has variants ({self.model} has none)")
         if not self.mlp or min(self.mlp) < 1:
             raise ValueError(f"--mlp needs positive widths, got {self.mlp}")
         if not 0 <= self.id_dropout < 1:
@@ -351,7 +355,8 @@ def build_model(users: SideContent, items: SideContent, config: ModelConfig) -> 
     if config.model == "fusion":
         return FusionNeuMF(users, items, config)
     if config.model == "neumf":
-        return FusionNeuMF(users, items, ModelConfig(**{**config.__dict__, "variant": "id_only", "id_dropout": 0.0}))
+        return FusionNeuMF(users, items, ModelConfig(**{**config.__dict__, "variant": FIXED_VARIANT["neumf"],
+                                                        "id_dropout": 0.0}))
     if config.model == "svd":
         return BiasedMF(users, items, config)
     if config.model == "cnn":
