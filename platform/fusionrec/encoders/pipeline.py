@@ -6,11 +6,13 @@ One table per side (users, items) and kind (text, image): `id`, `content_hash` (
 text or of the image file), `embedding` (float32[dim]), `mask` (1 = encoded, 0 = no content),
 with the encoder's name, model, dim and pooling in the Parquet metadata. Missing text or images
 become a zero vector with mask 0. Incremental: a row whose hash (and encoder) is unchanged keeps
-its embedding; only new or changed rows go through Ray.
+its embedding; only new or changed rows go through Ray. The tables are written as one set, the
+tables of the dataset's current text and image columns and no others (see _write_set).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -176,13 +178,14 @@ def _previous(path: Path, meta: dict) -> dict[str, tuple[str, np.ndarray]]:
 def _run_ray(kind: str, todo: pd.DataFrame, model: str, name: str, cfg: EncodeConfig) -> pd.DataFrame:
     """Encode `todo` (key, payload) on Ray with an actor pool; returns key, embedding, error."""
     import ray
+    from tqdm import tqdm
 
-    from fusionrec.ray_runtime import cluster_cpus, ensure_ray
+    from fusionrec.ray_runtime import cpus_each, ensure_ray
 
     ensure_ray()
     batches = -(-len(todo) // cfg.batch_size)
     actors = min(cfg.actors, batches)
-    threads = max(1, cluster_cpus() // actors) if cfg.gpus_per_actor == 0 else 1
+    threads = cpus_each(actors) if cfg.gpus_per_actor == 0 else 1
     # One block per batch, so that every actor in the pool gets work.
     rows = todo[["key", "payload"]].reset_index(drop=True)
     ds = ray.data.from_pandas([rows.iloc[part] for part in np.array_split(np.arange(len(rows)), batches)])
@@ -197,23 +200,43 @@ def _run_ray(kind: str, todo: pd.DataFrame, model: str, name: str, cfg: EncodeCo
         num_gpus=cfg.gpus_per_actor or None,
     )
     keys, embeddings, errors = [], [], []
-    for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
-        keys.extend(batch["key"])
-        embeddings.extend(batch["embedding"])
-        errors.extend(batch["error"])
+    with tqdm(total=len(todo), desc=f"encoding {kind}", unit=kind, disable=None) as bar:
+        for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+            keys.extend(batch["key"])
+            embeddings.extend(batch["embedding"])
+            errors.extend(batch["error"])
+            bar.update(len(batch["key"]))
     return pd.DataFrame({"key": keys, "embedding": embeddings, "error": errors})
 
 
-def _write(path: Path, frame: pd.DataFrame, dim: int, meta: dict) -> None:
+def _table(frame: pd.DataFrame, dim: int, meta: dict) -> pa.Table:
     matrix = embedding_matrix(frame) if len(frame) else np.zeros((0, dim), np.float32)
-    table = pa.table({
+    return pa.table({
         "id": pa.array(frame["id"].astype(str).tolist(), pa.string()),
         "content_hash": pa.array(frame["content_hash"].tolist(), pa.string()),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), pa.float32()), dim),
         "mask": pa.array(frame["mask"].astype(np.int8).to_numpy(), pa.int8()),
     }).replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
+
+
+def _write(path: Path, frame: pd.DataFrame, dim: int, meta: dict) -> None:
     with atomic_file(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(_table(frame, dim, meta), tmp)
+
+
+def _write_set(out: Path, tables: dict[Path, pa.Table], manifest: dict) -> None:
+    """Replace the feature tables in `out` as one set: every file is written under a temporary name
+    first (a failure removes them all and leaves the old set as it was), then all are renamed; a
+    table this run did not write (its column is gone, or empty everywhere now) is removed, so that
+    none is left stale."""
+    with contextlib.ExitStack() as renames:  # each atomic_file renames on success, cleans up on failure
+        for path, table in tables.items():
+            pq.write_table(table, renames.enter_context(atomic_file(path)))
+        renames.enter_context(atomic_file(out / "features.json")).write_text(json.dumps(manifest, indent=2))
+    for side in SIDES:
+        for kind in KINDS:
+            if feature_path(out, side, kind) not in tables:
+                feature_path(out, side, kind).unlink(missing_ok=True)
 
 
 def _model_meta(kind: str, cfg: EncodeConfig) -> tuple[str, str, dict]:
@@ -230,18 +253,22 @@ def _model_meta(kind: str, cfg: EncodeConfig) -> tuple[str, str, dict]:
 
 
 def encode_dataset(dataset: Dataset, out: Path, cfg: EncodeConfig) -> list[TableReport]:
-    """Encode every text and image column of `dataset` into feature tables under `out`."""
+    """Encode every text and image column of `dataset` into feature tables under `out`, written as
+    one set: the tables of this dataset's current columns, nothing else."""
     cfg.check()
     out = Path(out)
-    reports: list[TableReport] = []
-    pending: list[tuple[Path, pd.DataFrame, int, dict]] = []
-    problems: list[Problem] = []
+    # Every model this needs is found (the default ViT prepared on first use) before any work.
+    plans = []
     for kind in KINDS:
         sides = {side: _contents(dataset, side, kind) for side in SIDES}
         sides = {side: frame for side, frame in sides.items() if frame is not None}
         if not any(frame["payload"].notna().any() or (frame["problem"] != "").any() for frame in sides.values()):
-            continue  # no column of this kind, or one that is empty everywhere: no model needed
-        model, name, meta = _model_meta(kind, cfg)
+            continue  # no column of this kind, or one that is empty everywhere: no model, no table
+        plans.append((kind, sides, *_model_meta(kind, cfg)))
+    reports: list[TableReport] = []
+    tables: dict[Path, pa.Table] = {}
+    problems: list[Problem] = []
+    for kind, sides, model, name, meta in plans:
         todo_parts = []
         for side, frame in sides.items():
             previous = _previous(feature_path(out, side, kind), meta)
@@ -274,13 +301,10 @@ def encode_dataset(dataset: Dataset, out: Path, cfg: EncodeConfig) -> list[Table
             encoded = int((~frame["reused"] & frame["payload"].notna()).sum())
             missing = int((frame["payload"].isna() & (frame["problem"] == "")).sum())
             reports.append(TableReport(side, kind, len(frame), encoded, missing, failed))
-            pending.append((feature_path(out, side, kind), frame, meta["dim"], meta))
+            tables[feature_path(out, side, kind)] = _table(frame, meta["dim"], meta)
     if cfg.strict and problems:
         raise DataError(problems)
-    for path, frame, dim, meta in pending:
-        _write(path, frame, dim, meta)
     manifest = {"dataset": str(dataset.root), "config": {k: str(v) for k, v in asdict(cfg).items()},
                 "tables": [r.__dict__ | {"failed": len(r.failed)} for r in reports]}
-    with atomic_file(out / "features.json") as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2))
+    _write_set(out, tables, manifest)
     return reports
