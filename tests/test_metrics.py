@@ -107,3 +107,26 @@ def test_cli_missing_column_and_missing_file(tmp_path):
     assert result.exit_code == 1 and result.stderr.strip() == "predictions.csv:-:prediction: required column missing"
     result = runner.invoke(app, ["metrics", "--predictions", str(tmp_path / "none.csv")])
     assert result.exit_code == 1 and "file not found" in result.stderr
+
+
+def test_ranking_metrics_by_hand():
+    from fusionrec.metrics import ranking_metrics
+
+    # user A: one hit (item 2, at position 2) of two relevant; user B: three hits of four relevant
+    out = ranking_metrics([[1, 2, 3], [5, 6, 7]], [{2, 9}, {5, 6, 7, 8}], k=3)
+    ndcg_a = (1 / log2(3)) / (1 + 1 / log2(3))  # DCG over the ideal of min(2, 3) hits
+    assert out["hr@3"] == 1.0 and out["users"] == 2
+    assert out["precision@3"] == pytest.approx((1 / 3 + 1) / 2)
+    assert out["recall@3"] == pytest.approx((1 / 2 + 3 / 4) / 2)
+    assert out["ndcg@3"] == pytest.approx((ndcg_a + 1) / 2) == pytest.approx(0.6934264)
+    assert out["map@3"] == pytest.approx((0.5 / 2 + 3 / 3) / 2)  # precision at the hit 1/2, over min(K, 2)
+    assert out["map_all@3"] == pytest.approx((0.5 / 2 + 3 / 4) / 2)  # ... over all relevant items
+
+
+def test_leave_one_out_metrics_by_hand():
+    from fusionrec.metrics import leave_one_out_metrics
+
+    out = leave_one_out_metrics([0, 3, 12], k=10)
+    assert out["hr@10"] == pytest.approx(2 / 3)
+    assert out["ndcg@10"] == pytest.approx((1 + 1 / log2(5)) / 3) == pytest.approx(0.4768922)
+    assert out["users"] == 3

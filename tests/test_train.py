@@ -78,13 +78,30 @@ def test_train_logs_to_mlflow_registers_and_evaluates(home, tiny_shop, features,
 
 
 def test_lost_worker_resumes_from_checkpoint(home, tiny_shop, tmp_path):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from fusionrec import registry
+
     config = TrainConfig(dataset=str(tiny_shop), epochs=3, batch_size=64, model=ModelConfig(model="svd"))
     prepared = prepare(config)
-    _, clean = fit(config, prepared, tmp_path / "clean")
-    _, resumed = fit(config, prepared, tmp_path / "crashed", crash_at_epoch=1)
-    assert (tmp_path / "crashed" / "crashed-once").exists()  # the worker really died once
-    assert clean["epoch"] == resumed["epoch"] == 2
-    assert resumed["best"]["value"] == pytest.approx(clean["best"]["value"], rel=0.1)
+    registry.setup()
+    runs = {}
+    for name, crash in (("clean", None), ("crashed", 1)):
+        with mlflow.start_run() as run:
+            target = {"uri": registry.tracking_uri(), "run_id": run.info.run_id}
+            _, saved = fit(config, prepared, tmp_path / name, target, crash_at_epoch=crash)
+        steps = [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "train_loss")]
+        adam_steps = max(int(state["step"]) for state in saved["optimizer"]["state"].values())
+        runs[name] = {"saved": saved, "steps": sorted(steps), "adam_steps": adam_steps}
+    assert (tmp_path / "crashed" / "crashed-once").exists()  # the worker really died once, in epoch 1
+    clean, resumed = runs["clean"], runs["crashed"]
+    # The epoch counter was restored: epoch 0 ran once (a restart from scratch would log it twice).
+    assert clean["steps"] == resumed["steps"] == [0, 1, 2]
+    # The optimizer state was restored: Adam counted every step of all three epochs, as without a crash.
+    assert resumed["adam_steps"] == clean["adam_steps"] > 0
+    assert clean["saved"]["epoch"] == resumed["saved"]["epoch"] == 2
+    assert resumed["saved"]["best"]["value"] == pytest.approx(clean["saved"]["best"]["value"], rel=0.1)
 
 
 def test_cli_train_prints_metrics_and_the_bayes_floor(home, tiny_shop):

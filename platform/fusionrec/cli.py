@@ -367,6 +367,7 @@ def tune(
                                                 "promotion rule).")] = False,
     resume: Annotated[bool, typer.Option(help="Continue the latest interrupted search of this space and dataset.")]
     = False,
+    time_budget: Annotated[float | None, typer.Option(help="Stop the search after this many seconds.")] = None,
 ) -> None:
     """Search training configurations with Ray Tune, choose on validation, score the choice on test once."""
     import yaml
@@ -377,7 +378,7 @@ def tune(
         result = run_search(str(dataset), str(features) if features else None, space, trials=trials, epochs=epochs,
                             max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial, seed=seed, split=split,
                             objective=objective, search_alg=search, early_stopping=early_stopping,
-                            register=register, resume=resume)
+                            register=register, resume=resume, time_budget_s=time_budget)
     except KeyboardInterrupt as interrupted:
         fail(str(interrupted) or "search interrupted; continue it with --resume")
     metric, value = result.selection

@@ -20,7 +20,7 @@ import torch
 from fusionrec.data.fingerprint import data_fingerprint
 from fusionrec.data.splits import sample_negatives, split_by_name
 from fusionrec.data.validate import Dataset, load_dataset
-from fusionrec.metrics import candidate_metrics
+from fusionrec.metrics import candidate_metrics, leave_one_out_metrics, ranking_metrics
 from fusionrec.models.bundle import load_bundle
 from fusionrec.models.nets import Recommender
 
@@ -78,25 +78,15 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
 @torch.no_grad()
 def full_ranking(model: Recommender, train: pd.DataFrame, test: pd.DataFrame, k: int) -> dict:
     """Top-k over all items not rated in `train` (pass train + validation), per test user; every test
-    item is relevant."""
+    item is relevant (`metrics.ranking_metrics`)."""
     seen = train.groupby("user_idx")["item_idx"].agg(list).to_dict()
     relevant = test.groupby("user_idx")["item_idx"].agg(set)
-    discounts = 1.0 / np.log2(np.arange(2, k + 2))
-    hits_at = {"hr": [], "precision": [], "recall": [], "ndcg": [], "map": [], "map_all": []}
-    for user, truth in relevant.items():
+    recommended = []
+    for user in relevant.index:
         scores = model.score_all(int(user)).float().numpy()
         scores[seen.get(user, [])] = -np.inf
-        top = top_k(scores, k)
-        hit = np.array([item in truth for item in top], dtype=float)
-        hits_at["hr"].append(float(hit.any()))
-        hits_at["precision"].append(hit.sum() / k)
-        hits_at["recall"].append(hit.sum() / len(truth))
-        ideal = discounts[:min(len(truth), k)].sum()
-        hits_at["ndcg"].append(float((hit * discounts[:len(hit)]).sum() / ideal))
-        precision_at = np.cumsum(hit) / np.arange(1, len(hit) + 1)
-        hits_at["map"].append(float((precision_at * hit).sum() / min(len(truth), k)))
-        hits_at["map_all"].append(float((precision_at * hit).sum() / len(truth)))
-    return {f"{name}@{k}": float(np.mean(v)) for name, v in hits_at.items()} | {"users": len(relevant)}
+        recommended.append(top_k(scores, k))
+    return ranking_metrics(recommended, list(relevant), k)
 
 
 @torch.no_grad()
@@ -105,14 +95,12 @@ def ncf(model: Recommender, ratings: pd.DataFrame, test: pd.DataFrame, n_items: 
     """HR@k / NDCG@k of each held-out item among `negatives` sampled items the user never rated."""
     sampled = sample_negatives(ratings, test.index.to_numpy(), np.arange(n_items), n=negatives,
                                user_col="user_idx", item_col="item_idx", seed=seed)
-    hr, ndcg = [], []
+    ranks = []
     for user, item in zip(test["user_idx"], test["item_idx"], strict=True):
         candidates = np.concatenate([[item], sampled[user]])
         scores = predict(model, np.full(len(candidates), user), candidates, None)
-        rank = int((scores > scores[0]).sum())  # 0-based position of the held-out item
-        hr.append(float(rank < k))
-        ndcg.append(1.0 / np.log2(rank + 2) if rank < k else 0.0)
-    return {f"hr@{k}": float(np.mean(hr)), f"ndcg@{k}": float(np.mean(ndcg)), "users": len(test)}
+        ranks.append(int((scores > scores[0]).sum()))  # 0-based position of the held-out item
+    return leave_one_out_metrics(ranks, k)
 
 
 def evaluate_bundle(dataset_path: Path, bundle: Path, protocol: str = "candidate", k: int = 5) -> dict:

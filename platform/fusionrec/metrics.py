@@ -8,6 +8,10 @@ The *candidate* protocol (the paper's): each user's rows are ranked by `predicti
 - NDCG@K = DCG / IDCG, DCG = sum over top-K positions p = 1.. of (2^rating - 1) / log2(p + 1);
   IDCG the same over the user's rows sorted by rating; users with IDCG = 0 are skipped.
 - Both are averaged over users; `users` counts the users averaged (all users with a row).
+
+Ranking over all items (`ranking_metrics`, the Microsoft Recommenders protocol) and leave-one-out
+against sampled negatives (`leave_one_out_metrics`, the NCF protocol) take each user's ranked
+list or the held-out item's rank; `evaluate.py` produces those from a model.
 """
 
 from __future__ import annotations
@@ -58,3 +62,34 @@ def candidate_metrics(frame: pd.DataFrame, k: int = 5, threshold: float = 4.0) -
         f"ndcg@{k}": float(ndcg.mean()) if len(ndcg) else None,  # None: no user had a relevant gain
         "users": int(len(users)),
     }
+
+
+def ranking_metrics(recommended: list, relevant: list, k: int) -> dict[str, float | int]:
+    """Per user, `recommended` is the top-k list (best first) and `relevant` the set of test items;
+    every relevant item counts (binary gain). HR@K: any hit; Precision@K = hits / K; Recall@K =
+    hits / relevant; NDCG@K = DCG / the DCG of min(K, relevant) hits at the top; `map@K` = the
+    sum of precisions at the hits / min(K, relevant) (Microsoft Recommenders' `map_at_k` since 1.2),
+    `map_all@K` = the same / relevant (their `map`). All averaged over users."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    scores: dict[str, list[float]] = {"hr": [], "precision": [], "recall": [], "ndcg": [], "map": [], "map_all": []}
+    for top, truth in zip(recommended, relevant, strict=True):
+        hit = np.array([item in truth for item in list(top)[:k]], dtype=float)
+        precision_at = np.cumsum(hit) / np.arange(1, len(hit) + 1)
+        scores["hr"].append(float(hit.any()))
+        scores["precision"].append(hit.sum() / k)
+        scores["recall"].append(hit.sum() / len(truth))
+        scores["ndcg"].append(float((hit * discounts[:len(hit)]).sum() / discounts[:min(len(truth), k)].sum()))
+        scores["map"].append(float((precision_at * hit).sum() / min(len(truth), k)))
+        scores["map_all"].append(float((precision_at * hit).sum() / len(truth)))
+    return {f"{name}@{k}": float(np.mean(v)) for name, v in scores.items()} | {"users": len(relevant)}
+
+
+def leave_one_out_metrics(ranks, k: int = 10) -> dict[str, float | int]:
+    """`ranks`: each held-out item's 0-based rank among its candidates (the NCF protocol).
+    HR@K = share ranked in the top K; NDCG@K = mean of 1 / log2(rank + 2) over those, 0 elsewhere."""
+    ranks = np.asarray(ranks)
+    in_top = ranks < k
+    return {f"hr@{k}": float(in_top.mean()),
+            f"ndcg@{k}": float(np.where(in_top, 1.0 / np.log2(ranks + 2.0), 0.0).mean()), "users": len(ranks)}

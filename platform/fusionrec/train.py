@@ -294,8 +294,12 @@ def train_loop_per_worker(config: dict) -> None:
     def batches(epoch: int):
         crash = config.get("crash_at_epoch")
         if crash is not None and epoch == crash and rank == 0 and not Path(config["crash_marker"]).exists():
+            # A real lost worker, for the fault-tolerance test. Ray Train's controller collects reports
+            # (and so checkpoints) every health-check interval (2 s): wait two, so the last epoch's
+            # checkpoint is on record, as it is when a worker dies mid-epoch in a real run.
+            time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1)
             Path(config["crash_marker"]).touch()
-            os.kill(os.getpid(), signal.SIGKILL)  # a real lost worker, for the fault-tolerance test
+            os.kill(os.getpid(), signal.SIGKILL)
         # Ray Data hands over large shuffled blocks; cutting them into minibatches here keeps its
         # per-batch overhead off every optimiser step.
         for block in shard.iter_torch_batches(batch_size=max(config["batch_size"], READ_BATCH),
@@ -385,11 +389,11 @@ def fit(cfg: TrainConfig, prepared: Prepared, storage: Path, mlflow_target: dict
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from fusionrec.ray_runtime import cluster_cpus, ensure_ray
+    from fusionrec.ray_runtime import cpus_each, ensure_ray
 
     ensure_ray()
     data = loop_data(prepared.users, prepared.items, prepared.ratings, prepared.split)
-    cpus_per_worker = max(1, cluster_cpus() // cfg.workers)
+    cpus_per_worker = cpus_each(cfg.workers)
     config = loop_config(cfg, data, cpus_per_worker) | {
         "data": ray.put(data), "mlflow": mlflow_target,
         "crash_at_epoch": crash_at_epoch, "crash_marker": str(storage / "crashed-once"),
