@@ -15,6 +15,7 @@ import typer
 from fusionrec import __version__
 from fusionrec.config import state_folder
 from fusionrec.data.problems import DataError
+from fusionrec.verbosity import configure as configure_output
 
 app = typer.Typer(help="fusionrec: multimodal recommendations on Ray.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -42,14 +43,33 @@ def friendly_errors(command: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except typer.Exit:
+            raise  # a command's own exit code (typer.Exit is a RuntimeError)
         except DataError as exc:
             for problem in exc.problems:
                 typer.echo(str(problem), err=True)
             raise typer.Exit(1) from None
         except (ValueError, FileExistsError, OSError, RuntimeError) as exc:
-            fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            fail(_first_line(exc))
+        except Exception as exc:
+            if not _from_mlflow_or_ray(exc):
+                raise  # a bug: its traceback is what a report needs
+            fail(_first_line(exc))
 
     return wrapper
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _from_mlflow_or_ray(exc: Exception) -> bool:
+    """An MLflow or Ray error (no registry, no cluster, a failed task). Their classes are looked up
+    only among loaded modules: an error from one means it is loaded, and importing Ray just to
+    check would slow every command down."""
+    kinds = (getattr(sys.modules.get(module), name, None)
+             for module, name in (("mlflow.exceptions", "MlflowException"), ("ray.exceptions", "RayError")))
+    return any(kind is not None and isinstance(exc, kind) for kind in kinds)
 
 
 def _version(value: bool) -> None:
@@ -62,8 +82,12 @@ def _version(value: bool) -> None:
 def main(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Also show what Ray, MLflow and transformers print "
+                                                            "(notices, logs, warnings, their progress bars).")]
+    = False,
 ) -> None:
     """fusionrec: multimodal recommendations on Ray."""
+    configure_output(verbose)
 
 
 @data_app.command("validate")
@@ -75,6 +99,8 @@ def data_validate(
     """Check a dataset folder against the contract; print every problem as FILE:ROW:COLUMN: message."""
     from fusionrec.data.validate import validate
 
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: dataset folder not found")
     dataset, problems = validate(folder, check_images=images)
     if problems:
         for problem in problems:
@@ -285,9 +311,10 @@ def evaluate(
 ) -> None:
     """Evaluate a registered model on its test split; one JSON object."""
     from fusionrec.evaluate import evaluate_bundle
-    from fusionrec.registry import download
+    from fusionrec.registry import download, resolve
 
-    result = evaluate_bundle(dataset, download(model_uri), protocol, k)
+    # resolve first: an unknown URI or an empty registry is one line naming it, not MLflow's own error
+    result = evaluate_bundle(dataset, download(resolve(model_uri).uri), protocol, k)
     typer.echo(json.dumps({"protocol": protocol, **result}))
 
 

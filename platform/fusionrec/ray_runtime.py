@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from fusionrec.verbosity import quiet_ray_libraries
+
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2  # Ray's default reserves ~30 % of memory: cap it on small machines
 
 
@@ -16,11 +18,12 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-        return
-    # address="local": a new local Ray even when `ray start` left a cluster running on this machine
-    # (ray.init() would join that one, and refuse num_cpus for it).
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-             object_store_memory=LOCAL_OBJECT_STORE_BYTES, log_to_driver=False)
+    else:
+        # address="local": a new local Ray even when `ray start` left a cluster running on this
+        # machine (ray.init() would join that one, and refuse num_cpus for it).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 object_store_memory=LOCAL_OBJECT_STORE_BYTES, log_to_driver=False)
+    quiet_ray_libraries()
 
 
 def cluster_cpus() -> int:

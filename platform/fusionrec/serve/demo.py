@@ -2,6 +2,7 @@
 recommendations over HTTP, print both answers, shut it down.
 
     python -m fusionrec.serve.demo [--user-id u00001] [--text "..."] [--port 8000] [--config serve/config.yaml]
+                                   [--verbose]
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from pathlib import Path
 import requests
 import typer
 
+from fusionrec.verbosity import configure as configure_output
+
 
 def main(user_id: str = "u00001", text: str = "I love flowing linen dresses in soft colours for summer",
-         port: int = 8000, config: Path | None = Path("serve/config.yaml"), k: int = 5) -> None:
+         port: int = 8000, config: Path | None = Path("serve/config.yaml"), k: int = 5, verbose: bool = False) -> None:
+    configure_output(verbose)  # as `fusionrec --verbose`
     from fusionrec.serve import app as serve_app
 
     info = serve_app.start(port=port, config=config if config and config.is_file() else None)

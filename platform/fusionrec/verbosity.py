@@ -1,0 +1,58 @@
+"""How much of the dependencies' own output a user sees. Ground floor: no project imports.
+
+By default the CLI keeps its own results and progress bars and silences what Ray, Ray Data,
+MLflow and transformers print that a user cannot act on: Ray's start-up notices and core-worker
+log lines, Ray Data's progress logs and bars, MLflow's database set-up logs, its type-hint and
+pickle warnings and its artifact download bars, Hugging Face's progress bars. (Ray's token-auth
+notice is answered, not silenced: ray_runtime sets RAY_AUTH_MODE.) `fusionrec --verbose`
+(FUSIONREC_VERBOSE=1) leaves all of it as the dependencies print it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+VERBOSE = "FUSIONREC_VERBOSE"
+
+# Read by the dependencies when they are imported or start processes (which inherit them).
+QUIET_ENVIRONMENT = {
+    "RAY_LOGGER_LEVEL": "warning",  # "Started a local Ray instance." and other start-up notices
+    "RAY_BACKEND_LOG_LEVEL": "fatal",  # core-worker lines on stderr; failures still raise
+    # database set-up logs, and the warning that pyfunc models are pickled (the format we chose)
+    "MLFLOW_LOGGING_LEVEL": "ERROR",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+}
+# MLflow asks for type hints on our pyfunc wrapper (its input is a frame of ids: nothing to infer).
+QUIET_WARNINGS = (r".*Add type hints to the `predict` method",)
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE) == "1"
+
+
+def configure(verbose_output: bool) -> None:
+    """Set this process (and the processes it starts) to verbose or quiet output."""
+    if verbose_output:
+        os.environ[VERBOSE] = "1"
+        return
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)  # a value the user set wins
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("mlflow").setLevel(logging.ERROR)  # in case MLflow was imported before this
+
+
+def quiet_ray_libraries() -> None:
+    """Ray Data's progress logs and bars and Ray Serve's start-up logs in this (driver) process;
+    called once Ray is up, as they set their loggers up when imported. Our steps show their own bars."""
+    if verbose():
+        return
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # incl. its notice that the bars are off
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
