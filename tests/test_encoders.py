@@ -45,7 +45,11 @@ def test_image_encoders(tiny_models, kind, pooling):
 
 def test_image_size_option_changes_the_input_grid(tiny_models):
     encoder = ImageEncoder(str(tiny_models["vit"]), image_size=48)
-    assert encoder.encode(images()).shape == (3, 32)
+    native = ImageEncoder(str(tiny_models["vit"]))
+    assert encoder.image_size == 48 and native.image_size == 32
+    out = encoder.encode(images())
+    # a 48 px grid (36 patches) is another input than the native 32 px one (16 patches), whatever the width
+    assert out.shape == (3, 32) and not np.allclose(out, native.encode(images()), atol=1e-4)
 
 
 def test_bad_pooling_and_unknown_model(tiny_models, tmp_path, monkeypatch):
