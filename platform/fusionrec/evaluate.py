@@ -22,6 +22,7 @@ from fusionrec.data.splits import sample_negatives, split_by_name
 from fusionrec.data.validate import Dataset, load_dataset
 from fusionrec.metrics import candidate_metrics, leave_one_out_metrics, ranking_metrics
 from fusionrec.models.bundle import load_bundle
+from fusionrec.models.content import row_index, rows_of
 from fusionrec.models.nets import Recommender
 
 PROTOCOLS = ("candidate", "full", "ncf")
@@ -30,12 +31,10 @@ PROTOCOLS = ("candidate", "full", "ncf")
 def index_ratings(dataset: Dataset, user_ids, item_ids) -> pd.DataFrame:
     """The ratings as user_idx, item_idx (row numbers in the model; unknown ids -> n, the unknown
     row), user_id, item_id, rating and, if present, timestamp. The RangeIndex is what splits index."""
-    users = {str(u): k for k, u in enumerate(user_ids)}
-    items = {str(i): k for k, i in enumerate(item_ids)}
     source = dataset.ratings
     ratings = pd.DataFrame({
-        "user_idx": source[dataset.user_id].map(users).fillna(len(users)).to_numpy(np.int64),
-        "item_idx": source[dataset.item_id].map(items).fillna(len(items)).to_numpy(np.int64),
+        "user_idx": rows_of(source[dataset.user_id], row_index(user_ids)),
+        "item_idx": rows_of(source[dataset.item_id], row_index(item_ids)),
         "user_id": source[dataset.user_id].to_numpy(), "item_id": source[dataset.item_id].to_numpy(),
         "rating": source["rating"].to_numpy(np.float32),
     })

@@ -64,11 +64,10 @@ def _pyfunc_class():
 
         def predict(self, context, model_input, params=None):
             from fusionrec.evaluate import predict
+            from fusionrec.models.content import row_index, rows_of
 
-            users = {u: k for k, u in enumerate(self.meta["users"]["ids"])}
-            items = {i: k for k, i in enumerate(self.meta["items"]["ids"])}
-            u = model_input["user_id"].astype(str).map(lambda x: users.get(x, len(users))).to_numpy()
-            i = model_input["item_id"].astype(str).map(lambda x: items.get(x, len(items))).to_numpy()
+            u = rows_of(model_input["user_id"], row_index(self.meta["users"]["ids"]))
+            i = rows_of(model_input["item_id"], row_index(self.meta["items"]["ids"]))
             scale = tuple(self.meta["rating_scale"]) if self.meta["objective"] == "rating" else None
             return predict(self.model, u, i, scale)
 

@@ -102,6 +102,16 @@ class SideContent:
                 "pixels": pixels}
 
 
+def row_index(ids) -> dict[str, int]:
+    """Each id, as a string, -> its row in a side's matrices: the one id-to-row map everything uses."""
+    return {str(x): k for k, x in enumerate(ids)}
+
+
+def rows_of(ids: pd.Series, index: dict[str, int]) -> np.ndarray:
+    """The rows of `ids` under `index`; an id it does not know -> len(index), the unknown row."""
+    return ids.astype(str).map(index).fillna(len(index)).to_numpy(np.int64)
+
+
 def _with_unknown_row(matrix: np.ndarray) -> np.ndarray:
     return np.concatenate([matrix, np.zeros((1, matrix.shape[1]), np.float32)]).astype(np.float32)
 
@@ -121,7 +131,7 @@ def _embeddings(features: Path | None, side: str, kind: str, ids: np.ndarray, co
                                 f"run `fusionrec encode` on this dataset with --out {features}")
     frame, _ = read_features(path)
     matrix = embedding_matrix(frame) * frame["mask"].to_numpy(np.float32)[:, None]
-    position = {i: k for k, i in enumerate(frame["id"])}
+    position = row_index(frame["id"])
     missing = [i for i in ids if i not in position]
     if missing:
         raise ValueError(f"{path}: no features for {len(missing)} {side} (e.g. {missing[0]!r}); run `fusionrec encode`")

@@ -28,7 +28,7 @@ import torch
 from fusionrec import registry
 from fusionrec.evaluate import predict, top_k
 from fusionrec.models.bundle import load_bundle, load_seen
-from fusionrec.models.content import StructuredEncoder, bag_of_words, image_pixels
+from fusionrec.models.content import StructuredEncoder, bag_of_words, image_pixels, row_index
 from fusionrec.models.nets import Recommender
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,8 @@ class LoadedModel:
             folder = registry.download(ref.uri, Path(tmp))
             model, meta = load_bundle(folder)
             seen = load_seen(folder, len(meta["users"]["ids"]))
-        loaded = cls(ref, model, meta, {u: k for k, u in enumerate(meta["users"]["ids"])},
-                     {i: k for k, i in enumerate(meta["items"]["ids"])}, np.array(meta["items"]["ids"], dtype=object),
+        loaded = cls(ref, model, meta, row_index(meta["users"]["ids"]), row_index(meta["items"]["ids"]),
+                     np.array(meta["items"]["ids"], dtype=object),
                      seen, registry.run_metrics(ref.run_id))
         model.score_all_for(model.users.row())  # warm up (FusionNeuMF caches its item towers here)
         return loaded
