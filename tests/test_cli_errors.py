@@ -175,3 +175,15 @@ def test_dependency_output_is_silenced_unless_verbose(tmp_path, verbose):
     assert ("Creating initial MLflow database tables" in out.stderr) == verbose, out.stderr
     if not verbose:
         assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_mlflows_type_hint_warning_is_dropped_though_mlflow_shows_it_under_its_own_filter(verbose):
+    code = ("import warnings; from fusionrec.verbosity import configure; "
+            f"configure({verbose}); from mlflow.utils.warnings_utils import color_warning\n"
+            "with warnings.catch_warnings():\n"
+            "    warnings.simplefilter('once', category=UserWarning)  # as MLflow's filter_user_warnings_once\n"
+            "    color_warning('Add type hints to the `predict` method', stacklevel=1, color='yellow')\n"
+            "    warnings.warn('a warning of our own')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "a warning of our own" in out.stderr and ("Add type hints" in out.stderr) == verbose, out.stderr

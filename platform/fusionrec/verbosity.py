@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
+from collections.abc import Callable
 
 VERBOSE = "FUSIONREC_VERBOSE"
 
@@ -41,9 +43,20 @@ def configure(verbose_output: bool) -> None:
         return
     for name, value in QUIET_ENVIRONMENT.items():
         os.environ.setdefault(name, value)  # a value the user set wins
-    for message in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=message)
+    # MLflow emits its warnings under a simplefilter("once") of its own, which outranks any filter
+    # set here: they are dropped where warnings are shown instead.
+    if not getattr(warnings.showwarning, "quiet", False):
+        warnings.showwarning = _unless_quiet(warnings.showwarning)
     logging.getLogger("mlflow").setLevel(logging.ERROR)  # in case MLflow was imported before this
+
+
+def _unless_quiet(show: Callable[..., None]) -> Callable[..., None]:
+    def show_unless_quiet(message, *args, **kwargs) -> None:
+        if not any(re.match(pattern, str(message)) for pattern in QUIET_WARNINGS):
+            show(message, *args, **kwargs)
+
+    show_unless_quiet.quiet = True
+    return show_unless_quiet
 
 
 def quiet_ray_libraries() -> None:
