@@ -1,20 +1,35 @@
 """A local multi-node Ray cluster on this machine: a head and worker nodes, each its own
-`ray start --block` process, so that multi-node runs (DDP across nodes, the object store
-between raylets) can be tried on one box. Stopping a node's process stops that node's Ray and
-nothing else on the machine (unlike `ray stop`).
+`ray start --block` process in its own session, so that multi-node runs (DDP across nodes, the
+object store between raylets, jobs, Serve) can be tried on one box. Stopping a node's session
+stops that node's Ray and nothing else on the machine (unlike `ray stop`).
 
     with LocalCluster(nodes=2, cpus_per_node=1) as address:
         os.environ["RAY_ADDRESS"] = address   # ensure_ray() joins it
+
+`fusionrec cluster up|status|down` runs the same nodes detached, beside an MLflow tracking server,
+and records their processes in STATE/cluster.json so that `down` (another process, later) stops
+exactly those. Token auth: every process fusionrec starts or drives takes RAY_AUTH_MODE=disabled
+unless the environment says otherwise (see ray_runtime.default_auth_mode), so nodes and clients agree.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from fusionrec.config import state_folder
+from fusionrec.ray_runtime import default_auth_mode
+
+STATE_FILE = "cluster.json"
 
 
 def free_port() -> int:
@@ -24,63 +39,173 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class Proc:
+    """A process we started: its pid and start time (a pid alone may be reused after it exits)."""
+
+    role: str
+    pid: int
+    started: float
+
+    def alive(self) -> bool:
+        import psutil
+
+        try:
+            return psutil.Process(self.pid).create_time() == self.started
+        except psutil.NoSuchProcess:
+            return False
+
+
+def spawn(role: str, command: list[str], env: dict[str, str], log: Path | None) -> Proc:
+    """Start `command` detached in a session of its own: everything it starts (Ray's raylet, GCS,
+    workers, which each take a process group of their own) stays in that session."""
+    import psutil
+
+    out = open(log, "ab") if log else subprocess.DEVNULL  # the child keeps its own copy
+    try:
+        process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        if log:
+            out.close()
+    return Proc(role, process.pid, psutil.Process(process.pid).create_time())
+
+
+def stop_processes(procs: list[Proc], timeout_s: float = 60) -> int:
+    """Stop each process and everything in its session; returns how many processes that was.
+    Processes already gone (or whose pid now names another) are skipped. All are signalled at
+    once: a node stopped first only makes the others wait for it."""
+    import psutil
+
+    tops = [psutil.Process(p.pid) for p in procs if p.alive()]
+    sessions = {p.pid for p in tops}
+    members = {c.pid: c for top in tops for c in top.children(recursive=True)}
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) in sessions:
+                members.setdefault(p.pid, p)
+        except (ProcessLookupError, PermissionError):
+            continue
+    for pid in sessions:
+        members.pop(pid, None)
+    _signal(tops, "terminate")  # `ray start --block` stops its node's processes itself
+    _, alive = psutil.wait_procs(tops, timeout=timeout_s)
+    rest = alive + [p for p in members.values() if p.is_running()]
+    _signal(rest, "terminate")
+    _, alive = psutil.wait_procs(rest, timeout=10)
+    _signal(alive, "kill")
+    psutil.wait_procs(alive, timeout=10)
+    return len(tops) + len(members)
+
+
+def _signal(processes: list, how: str) -> None:
+    import psutil
+
+    for p in processes:
+        try:
+            getattr(p, how)()
+        except psutil.NoSuchProcess:
+            continue
+
+
+def _get_json(url: str, timeout_s: float = 5) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:  # loopback only: the dashboard
+        return json.loads(response.read())
+
+
+def alive_nodes(dashboard_url: str) -> list[dict]:
+    """The cluster's alive nodes from the dashboard's state API (node_ip, is_head_node, resources_total)."""
+    answer = _get_json(f"{dashboard_url}/api/v0/nodes?limit=1000&filter_keys=state&filter_predicates=%3D"
+                       "&filter_values=ALIVE")
+    return answer["data"]["result"]["result"]
+
+
+def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a node: this one, plus the auth mode, no usage stats, this venv's
+    `python` first on PATH (job entrypoints say `python jobs/...`) and `extra`."""
+    env = {**os.environ, "RAY_AUTH_MODE": default_auth_mode(), "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **(extra or {})}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
 class LocalCluster:
-    def __init__(self, nodes: int = 2, cpus_per_node: int = 1, object_store_bytes: int = 256 * 1024**2):
+    """A head (with the dashboard on 127.0.0.1, which the job API needs) and worker nodes, every
+    port chosen free so that several clusters (and other local Rays) live side by side. Each node
+    has a temp dir of its own: nodes sharing one would unpack a job's working_dir into the same
+    folder, each replacing it under the others (a job's cwd vanishes mid-run)."""
+
+    def __init__(self, nodes: int = 2, cpus_per_node: int = 1, object_store_bytes: int = 256 * 1024**2,
+                 env: dict[str, str] | None = None, log_dir: Path | None = None):
         if nodes < 1 or cpus_per_node < 1:
             raise ValueError("a local cluster needs at least one node and one CPU per node")
         self.nodes, self.cpus_per_node, self.object_store_bytes = nodes, cpus_per_node, object_store_bytes
-        self.processes: list[subprocess.Popen] = []
+        self.env, self.log_dir = node_env(env), log_dir
+        self.processes: list[Proc] = []
         self.address: str | None = None
+        self.dashboard_url: str | None = None
+        self.temp_dir: Path | None = None
 
-    def _start(self, *args: str) -> None:
+    def _start(self, role: str, *args: str) -> None:
         ray = Path(sys.executable).parent / "ray"
-        # `ray start` turns token authentication on while a driver's default is off: the nodes of
-        # this loopback-only dev cluster take the driver's default unless RAY_AUTH_MODE says otherwise.
-        env = {"RAY_AUTH_MODE": "disabled", **os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-        env.pop("RAY_ADDRESS", None)
-        self.processes.append(subprocess.Popen(
-            [str(ray), "start", "--block", f"--num-cpus={self.cpus_per_node}",
-             f"--object-store-memory={self.object_store_bytes}", *args],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self.processes.append(spawn(role, [
+            str(ray), "start", "--block", f"--num-cpus={self.cpus_per_node}",
+            f"--object-store-memory={self.object_store_bytes}",
+            f"--dashboard-agent-listen-port={free_port()}",  # Ray's fixed default (52365) would clash
+            f"--temp-dir={self.temp_dir / role}", *args],
+            self.env, self.log_dir / f"{role}.log" if self.log_dir else None))
 
-    def _wait_for(self, cpus: int, timeout_s: float = 120) -> None:
-        """Until the cluster reports `cpus` CPUs (a fresh driver each try: resources are cached per connection)."""
-        check = (f"import ray; ray.init(address={self.address!r}, log_to_driver=False); "
-                 f"raise SystemExit(0 if ray.cluster_resources().get('CPU', 0) >= {cpus} else 1)")
+    def _check_alive(self) -> None:
+        if not all(p.alive() for p in self.processes):
+            where = f" (logs in {self.log_dir})" if self.log_dir else ""
+            raise RuntimeError(f"a process of the local cluster exited while starting{where}")
+
+    def _wait_for_gcs(self, port: int, timeout_s: float = 120) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if any(p.poll() is not None for p in self.processes):
-                raise RuntimeError("a Ray node of the local cluster exited while starting")
-            if subprocess.run([sys.executable, "-c", check], capture_output=True).returncode == 0:
+            self._check_alive()
+            try:
+                socket.create_connection((self.address.rsplit(":", 1)[0], port), timeout=1).close()
                 return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"the head's GCS did not listen within {timeout_s:.0f} s")
+
+    def _wait_for(self, nodes: int, timeout_s: float = 180) -> None:
+        """Until the dashboard reports `nodes` alive nodes."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                if len(alive_nodes(self.dashboard_url)) >= nodes:
+                    return
+            except (OSError, ValueError, KeyError):
+                pass  # the dashboard is not up yet
             time.sleep(1)
-        raise RuntimeError(f"the local cluster did not reach {cpus} CPUs within {timeout_s:.0f} s")
+        raise RuntimeError(f"the local cluster did not reach {nodes} nodes within {timeout_s:.0f} s")
 
     def start(self) -> str:
         """Start the head and the workers; returns the cluster address (for RAY_ADDRESS)."""
         from ray._private.services import get_node_ip_address
 
-        port = free_port()
+        port, dashboard_port = free_port(), free_port()
+        # short: Ray's unix sockets live under it (and `ray start` records the cluster here, not in /tmp/ray)
+        self.temp_dir = Path(tempfile.gettempdir()) / f"fusionrec-ray-{port}"
         self.address = f"{get_node_ip_address()}:{port}"  # Ray binds the machine's address, not loopback
-        self._start("--head", f"--port={port}", "--include-dashboard=false")
-        self._wait_for(self.cpus_per_node)
-        for _ in range(self.nodes - 1):
-            self._start(f"--address={self.address}")
-        self._wait_for(self.nodes * self.cpus_per_node)
+        self.dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+        self._start("head", "--head", f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={free_port()}")
+        self._wait_for_gcs(port)  # workers can join then; the dashboard comes up meanwhile
+        for n in range(1, self.nodes):
+            self._start(f"worker-{n}", f"--address={self.address}")
+        self._wait_for(self.nodes)
         return self.address
 
     def stop(self) -> None:
-        for process in reversed(self.processes):  # workers first, the head last
-            process.terminate()
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(self.processes)
         self.processes.clear()
-        # `ray start` records the newest cluster for `ray.init()` to find; do not leave it pointing here
-        current = Path("/tmp/ray/ray_current_cluster")
-        if self.address and current.is_file() and current.read_text().strip() == self.address:
-            current.unlink()
+        if self.temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> str:
         try:
@@ -91,3 +216,172 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@dataclass
+class ClusterState:
+    """What `fusionrec cluster up` started, as recorded in STATE/cluster.json."""
+
+    address: str  # RAY_ADDRESS: the GCS address (ray.init, the job API and `ray status` all take it)
+    dashboard_url: str
+    tracking_uri: str
+    home: str  # the state folder every node and job uses (FUSIONREC_HOME)
+    workers: int
+    cpus_per_node: int
+    logs: str
+    temp_dir: str = ""  # the nodes' Ray temp dirs (sessions, sockets, unpacked jobs)
+    processes: list[Proc] = field(default_factory=list)
+
+    @staticmethod
+    def path() -> Path:
+        return state_folder() / STATE_FILE
+
+    def save(self) -> None:
+        """Temp-then-rename: a reader never sees half a file."""
+        path = self.path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls) -> ClusterState | None:
+        """The recorded cluster, or None if there is none (or the record is unreadable)."""
+        try:
+            raw = json.loads(cls.path().read_text())
+            return cls(**{**raw, "processes": [Proc(**p) for p in raw["processes"]]})
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+
+    def alive(self) -> bool:
+        return bool(self.processes) and all(p.alive() for p in self.processes)
+
+
+def _wait_for_tracking(proc: Proc, uri: str, log: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"the MLflow tracking server exited while starting (log: {log})")
+        if tracking_health(uri) == "ok":
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"the MLflow tracking server did not answer within {timeout_s:.0f} s (log: {log})")
+
+
+def tracking_health(uri: str) -> str:
+    """"ok" if the tracking server answers its health check, else why not."""
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=5) as response:
+            return "ok" if response.read().strip() == b"OK" else "unhealthy"
+    except OSError as exc:
+        return f"not answering ({getattr(exc, 'reason', exc)})"
+
+
+def up(workers: int = 1, cpus_per_node: int = 1, object_store_bytes: int = 256 * 1024**2) -> ClusterState:
+    """Start a detached local cluster (a head, `workers` worker nodes) and an MLflow tracking
+    server, recorded in STATE/cluster.json. The server's store is the state folder's own
+    (mlflow.db, mlartifacts/), the one fusionrec uses without a server, so runs made before, on
+    the cluster and locally afterwards all sit in one place."""
+    if workers < 0:
+        raise ValueError("--workers must be 0 or more")
+    current = ClusterState.load()
+    if current and current.alive():
+        raise RuntimeError(f"a cluster is already up at {current.address} (`fusionrec cluster down` stops it)")
+    if current:
+        down()  # a stale record: whatever is left of it goes first
+    home = state_folder()
+    logs = home / "cluster-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for old in logs.glob("*.log"):
+        old.unlink()
+    tracking_port = free_port()
+    tracking_uri = f"http://127.0.0.1:{tracking_port}"
+    state = ClusterState(address="", dashboard_url="", tracking_uri=tracking_uri, home=str(home), workers=workers,
+                         cpus_per_node=cpus_per_node, logs=str(logs))
+    env = {"FUSIONREC_HOME": str(home), "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "HF_HUB_OFFLINE": "1"}
+    mlflow = Path(sys.executable).parent / "mlflow"
+    cluster = LocalCluster(nodes=1 + workers, cpus_per_node=cpus_per_node, object_store_bytes=object_store_bytes,
+                           env=env, log_dir=logs)
+    try:
+        state.processes.append(spawn("tracking", [
+            str(mlflow), "server", "--host", "127.0.0.1", "--port", str(tracking_port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+            "--serve-artifacts", "--artifacts-destination", str(home / "mlartifacts")],
+            node_env(env), logs / "tracking.log"))
+        state.save()  # from here on `fusionrec cluster down` can stop whatever got started
+        cluster.processes = state.processes  # one list: the record grows as nodes start
+        state.address = cluster.start()
+        state.dashboard_url, state.temp_dir = cluster.dashboard_url or "", str(cluster.temp_dir)
+        _wait_for_tracking(state.processes[0], tracking_uri, logs / "tracking.log")
+        state.save()
+    except BaseException:
+        state.temp_dir = str(cluster.temp_dir or "")
+        state.save()
+        down()
+        raise
+    return state
+
+
+def down() -> int | None:
+    """Stop what `up` recorded (the nodes and the tracking server) and forget it; returns how many
+    processes were stopped, or None if no cluster was recorded."""
+    state = ClusterState.load()
+    if state is None:
+        ClusterState.path().unlink(missing_ok=True)  # an unreadable record
+        return None
+    stopped = stop_processes(state.processes)
+    if state.temp_dir:
+        shutil.rmtree(state.temp_dir, ignore_errors=True)
+    ClusterState.path().unlink(missing_ok=True)
+    return stopped
+
+
+@dataclass
+class Target:
+    """The cluster a command talks to: RAY_ADDRESS if set, else the one `fusionrec cluster up` recorded."""
+
+    address: str
+    local: ClusterState | None  # the recorded cluster, when that is the target
+
+
+def target() -> Target:
+    address = os.environ.get("RAY_ADDRESS")
+    state = ClusterState.load()
+    if address:
+        same = state and state.alive() and address in (state.address, state.dashboard_url)
+        return Target(address, state if same else None)
+    if state is None:
+        raise RuntimeError("no cluster: start one with `fusionrec cluster up` or set RAY_ADDRESS")
+    if not state.alive():
+        raise RuntimeError(f"no cluster: the one recorded at {state.address} is not (fully) running "
+                           "(`fusionrec cluster down` clears it)")
+    return Target(state.address, state)
+
+
+def status(tgt: Target) -> list[str]:
+    """Lines describing the target cluster: nodes and CPUs, running jobs, the Serve application,
+    the tracking server."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    from fusionrec.jobs import job_client
+
+    client = job_client(tgt)
+    dashboard = client.get_address()
+    nodes = alive_nodes(dashboard)
+    cpus = sum(n["resources_total"].get("CPU", 0) for n in nodes)
+    heads = sum(bool(n["is_head_node"]) for n in nodes)
+    lines = [f"cluster {tgt.address} (dashboard {dashboard}): {len(nodes)} node{'s' * (len(nodes) != 1)} "
+             f"({heads} head, {len(nodes) - heads} worker{'s' * (len(nodes) - heads != 1)}), {cpus:g} CPUs"]
+    running = [j for j in client.list_jobs() if not j.status.is_terminal()]
+    lines.append(f"jobs: {len(running)} running" + "".join(  # drivers (e.g. `fusionrec serve`) count too
+        f"\n  {j.submission_id or f'driver {j.job_id}'} {j.status.value}: {j.entrypoint}" for j in running))
+    serve = ServeSubmissionClient(dashboard).get_serve_details()
+    http = serve.get("http_options") or {}
+    lines.append("serve: " + (", ".join(
+        f"{name} {app['status']} at http://{http.get('host')}:{http.get('port')}{app.get('route_prefix') or ''}"
+        for name, app in (serve.get("applications") or {}).items()) or "no application"))
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or (tgt.local.tracking_uri if tgt.local else None)
+    lines.append(f"tracking server: {uri} {tracking_health(uri)}" if uri and uri.startswith("http")
+                 else "tracking server: none known (set MLFLOW_TRACKING_URI)")
+    return lines

@@ -9,9 +9,18 @@ from fusionrec.verbosity import quiet_ray_libraries
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2  # Ray's default reserves ~30 % of memory: cap it on small machines
 
 
+def default_auth_mode() -> str:
+    """RAY_AUTH_MODE for every Ray process fusionrec starts or drives (nodes, drivers, job
+    clients): the environment's, else `disabled`. Ray's own defaults differ by entry point (a
+    `ray start` head turns token auth on, a client only when ~/.ray/auth_token exists), so one
+    rule here keeps both ends agreeing; a token-auth cluster needs RAY_AUTH_MODE=token exported."""
+    return os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Start (or join) Ray once per process; quiet, loopback-only dashboard off, usage stats off."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    default_auth_mode()
     import ray
 
     if ray.is_initialized():
@@ -30,3 +39,12 @@ def cluster_cpus() -> int:
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def cpus_each(n: int) -> int:
+    """CPUs for each of `n` workers or actors that share the cluster: an equal share, but no more
+    than the largest node has (one worker lives on one node; asking for more waits forever)."""
+    import ray
+
+    largest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)
+    return max(1, min(cluster_cpus() // n, int(largest)))

@@ -1,0 +1,124 @@
+"""`fusionrec cluster up` -> `fusionrec job submit` encode and train -> the cluster's tracking server
+holds the run and the registered version -> `fusionrec serve` on the cluster answers -> `fusionrec
+cluster down` leaves none of its processes behind. Every step is the command a user types, run in
+a subprocess (this test session may have a local Ray of its own)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import requests
+
+pytestmark = pytest.mark.integration
+
+FUSIONREC = [str(Path(sys.executable).parent / "fusionrec")]
+ROOT = Path(__file__).resolve().parents[1]  # `job submit` packages the working directory: the repository
+
+
+@pytest.fixture
+def cluster_env(tmp_path) -> dict[str, str]:
+    """A state folder of the test's own; no cluster or tracking server inherited from outside."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    return env | {"FUSIONREC_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def fusionrec(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*FUSIONREC, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def sessions_alive(pids: list[int]) -> list[int]:
+    """Processes in the sessions the recorded processes lead (a node's raylet, workers, the server's workers)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid in pids or os.getsid(p.pid) in pids:
+                found.append(p.pid)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return found
+
+
+def test_cluster_jobs_tracking_serve_and_down(cluster_env, tiny_shop, tiny_models, tmp_path, free_port):
+    up = fusionrec(cluster_env, "cluster", "up", "--workers", "1", "--cpus-per-node", "1")
+    state = json.loads((Path(cluster_env["FUSIONREC_HOME"]) / "cluster.json").read_text())
+    pids = [p["pid"] for p in state["processes"]]
+    try:
+        assert up.returncode == 0, up.stderr[-3000:]
+        exports = dict(line.removeprefix("export ").split("=", 1) for line in up.stdout.splitlines())
+        assert exports == {"RAY_ADDRESS": state["address"], "MLFLOW_TRACKING_URI": state["tracking_uri"]}
+        assert state["tracking_uri"].startswith("http://127.0.0.1:") and len(pids) == 3
+
+        # Both jobs at once (2 CPUs: an encoder actor and a training worker); train does not need the features.
+        features = tmp_path / "features"
+        encode = subprocess.Popen(
+            [*FUSIONREC, "job", "submit", "encode", "--", str(tiny_shop), "--out", str(features),
+             "--text-model", str(tiny_models["bert"]), "--image-model", str(tiny_models["dinov2"]), "--actors", "1"],
+            env=cluster_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        train = fusionrec(cluster_env, "job", "submit", "train", "--", str(tiny_shop), "--epochs", "2", "--register",
+                          timeout=400)
+        encoded, _ = encode.communicate(timeout=400)
+        assert encode.returncode == 0 and "SUCCEEDED" in encoded, encoded[-3000:]
+        assert (features / "items.text.parquet").is_file() and "items.image: 40 of 40 re-encoded" in encoded
+        assert train.returncode == 0 and "SUCCEEDED" in train.stderr, (train.stdout + train.stderr)[-3000:]
+        assert '{"mse": ' in train.stdout  # the job's own output, streamed
+
+        # Any cluster by RAY_ADDRESS: the job API at the dashboard's address
+        listed = fusionrec(cluster_env | {"RAY_ADDRESS": state["dashboard_url"]}, "job", "list")
+        assert listed.returncode == 0 and listed.stdout.count("SUCCEEDED") == 2, listed.stdout + listed.stderr
+
+        from mlflow import MlflowClient
+
+        client = MlflowClient(state["tracking_uri"])
+        champion = client.get_model_version_by_alias("fusionrec", "champion")
+        run = client.get_run(champion.run_id)
+        assert run.info.status == "FINISHED" and "val_mse" in run.data.metrics
+
+        serve_port = free_port()
+        served = subprocess.Popen([*FUSIONREC, "serve", "--port", str(serve_port)],
+                                  env=cluster_env | exports, cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        try:
+            url = f"http://127.0.0.1:{serve_port}"
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and served.poll() is None:
+                try:
+                    if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                        break
+                except requests.RequestException:
+                    pass  # not listening yet, or busy starting
+                time.sleep(1)
+            assert served.poll() is None, served.stdout.read()[-3000:]
+            user = pd.read_parquet(tiny_shop / "ratings.parquet")["user_id"].iloc[0]
+            answer = requests.post(f"{url}/recommend", json={"user_id": user, "k": 3}, timeout=60)
+            assert answer.status_code == 200, answer.text
+            assert len(answer.json()["items"]) == 3 and answer.json()["model_version"] == champion.version
+            status = fusionrec(cluster_env, "cluster", "status")
+            assert status.returncode == 0, status.stderr
+            assert "2 nodes" in status.stdout and "2 CPUs" in status.stdout, status.stdout
+            assert "serve: fusionrec RUNNING" in status.stdout and "tracking server: http" in status.stdout
+        finally:
+            served.send_signal(signal.SIGINT)
+            served.communicate(timeout=120)
+    finally:
+        down = fusionrec(cluster_env, "cluster", "down")
+    assert down.returncode == 0 and down.stdout.startswith("cluster down:"), down.stdout + down.stderr
+    assert sessions_alive(pids) == []
+    ports = [state["address"].rsplit(":", 1)[1], state["dashboard_url"].rsplit(":", 1)[1],
+             state["tracking_uri"].rsplit(":", 1)[1]]
+    left = subprocess.run(["pgrep", "-f", "|".join(f"[:= ]{port}( |$)" for port in ports)], capture_output=True,
+                          text=True)
+    assert left.stdout.strip() == "", left.stdout
+    assert not Path(state["temp_dir"]).exists()
+    again = fusionrec(cluster_env, "cluster", "down")
+    assert again.returncode == 0 and again.stdout.strip() == "no cluster"
+    assert fusionrec(cluster_env, "cluster", "status").stdout.startswith("no cluster")
