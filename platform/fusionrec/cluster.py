@@ -156,20 +156,16 @@ class LocalCluster:
             self.env, self.log_dir / f"{role}.log" if self.log_dir else None))
 
     def _check_alive(self) -> None:
+        """Fail now if a process exited, or if a `ray start` logged its failure (it can linger after
+        one: a raylet that took over Ray's fixed 30 s to register, a dashboard slow to start)."""
+        where = f" (logs in {self.log_dir})" if self.log_dir else ""
         if not all(p.alive() for p in self.processes):
-            where = f" (logs in {self.log_dir})" if self.log_dir else ""
             raise RuntimeError(f"a process of the local cluster exited while starting{where}")
-
-    def _wait_for_gcs(self, port: int, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self._check_alive()
-            try:
-                socket.create_connection((self.address.rsplit(":", 1)[0], port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError(f"the head's GCS did not listen within {timeout_s:.0f} s")
+        for proc in self.processes:
+            log = self.log_dir / f"{proc.role}.log" if self.log_dir else None
+            if proc.role != "tracking" and log and log.is_file() and "Traceback" in log.read_text(errors="replace"):
+                lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+                raise RuntimeError(f"Ray node {proc.role} failed to start: {lines[-1].strip()} (log: {log})")
 
     def _wait_for(self, nodes: int, timeout_s: float = 180) -> None:
         """Until the dashboard reports `nodes` alive nodes."""
@@ -195,7 +191,7 @@ class LocalCluster:
         self.dashboard_url = f"http://127.0.0.1:{dashboard_port}"
         self._start("head", "--head", f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={free_port()}")
-        self._wait_for_gcs(port)  # workers can join then; the dashboard comes up meanwhile
+        self._wait_for(1)  # the head fully up first: a worker's raylet gets only 30 s to register with a busy GCS
         for n in range(1, self.nodes):
             self._start(f"worker-{n}", f"--address={self.address}")
         self._wait_for(self.nodes)
