@@ -378,6 +378,8 @@ def status(tgt: Target) -> list[str]:
         f"{name} {app['status']} at http://{http.get('host')}:{http.get('port')}{app.get('route_prefix') or ''}"
         for name, app in (serve.get("applications") or {}).items()) or "no application"))
     uri = os.environ.get("MLFLOW_TRACKING_URI") or (tgt.local.tracking_uri if tgt.local else None)
-    lines.append(f"tracking server: {uri} {tracking_health(uri)}" if uri and uri.startswith("http")
-                 else "tracking server: none known (set MLFLOW_TRACKING_URI)")
+    if uri and uri.startswith("http"):
+        lines.append(f"tracking server: {uri} {tracking_health(uri)}")
+    else:
+        lines.append(f"tracking server: none ({uri or 'MLFLOW_TRACKING_URI is not set'})")
     return lines
