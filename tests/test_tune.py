@@ -193,3 +193,24 @@ def test_ctrl_c_leaves_a_search_that_resume_finishes(tiny_shop, features, tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     board = pd.read_csv(next((tmp_path / "home" / "tune").glob("lr-*/leaderboard.csv")))
     assert len(board) == 4 and (board["status"] == "done").all()
+
+
+def test_train_config_file_with_flags_on_top(tmp_path, monkeypatch):
+    import fusionrec.train
+
+    seen = []
+
+    def fake_train(cfg, register=False):
+        seen.append(cfg)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(fusionrec.train, "train", fake_train)
+    config = write_space(tmp_path, {"dataset": "shop", "seed": 0, "lr": 0.01, "model": {"mlp": [8, 4]}}, "best.yaml")
+    runner.invoke(app, ["train", "--config", str(config), "--seed", "2", "--model", "svd"])
+    assert len(seen) == 1
+    cfg = seen[0]
+    assert (cfg.dataset, cfg.lr, cfg.model.mlp) == ("shop", 0.01, [8, 4])  # from the file
+    assert (cfg.seed, cfg.model.model) == (2, "svd")  # flags given on the command line win
+    bad = write_space(tmp_path, {"dataset": "shop", "learning_rate": 0.1}, "bad.yaml")
+    result = runner.invoke(app, ["train", "--config", str(bad)])
+    assert result.exit_code == 1 and "unknown setting 'learning_rate'" in result.stderr

@@ -264,8 +264,6 @@ def train(
     = False,
 ) -> None:
     """Train a model with Ray Train, log it to MLflow, print the test metrics as one JSON object."""
-    from click.core import ParameterSource
-
     from fusionrec.data.schema import load_spec
     from fusionrec.train import TrainConfig, load_config
     from fusionrec.train import train as run_training
@@ -278,7 +276,8 @@ def train(
         settings = {**flags, "model": model_flags}
     else:  # the file's settings, with the flags given on the command line on top
         def given(name: str) -> bool:
-            return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+            # by name: Typer carries its own copy of click, whose ParameterSource is another class
+            return getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
 
         settings = load_config(config).to_dict()
         settings |= {k: v for k, v in flags.items() if given(k)}
