@@ -372,6 +372,7 @@ def promote(
     before = move_alias(version)
     typer.echo(f"{MODEL_NAME}@{CHAMPION}: version {before or '(none)'} -> {version}")
 
+
 @app.command("tune")
 @friendly_errors
 def tune(
