@@ -81,8 +81,8 @@ def summarise(runs: pd.DataFrame, rows: list[str], k: int) -> pd.DataFrame:
     return table[columns + [f"{c}_std" for c in columns]]
 
 
-def _cell(mean, std) -> str:
-    return "–" if pd.isna(mean) else f"{mean:.4f} ± {std:.4f}"
+def _cell(mean, std, digits: int = 4) -> str:
+    return "–" if pd.isna(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def markdown(table: pd.DataFrame, k: int, title: str, skipped: dict[str, str], floor: float | None) -> str:
@@ -96,8 +96,7 @@ def markdown(table: pd.DataFrame, k: int, title: str, skipped: dict[str, str], f
             lines.append(f"| {ROWS[row][0]} | " + " | ".join([skipped[row]] * len(columns)) + " |")
             continue
         lines.append(f"| {ROWS[row][0]} | " + " | ".join(
-            f"{values[c]:.1f} ± {values[c + '_std']:.1f}" if c == "train_s" else _cell(values[c], values[c + "_std"])
-            for c in columns) + " |")
+            _cell(values[c], values[c + "_std"], 1 if c == "train_s" else 4) for c in columns) + " |")
     if floor:
         lines += ["", f"Bayes floor (the best test MSE any model can reach on this data): {floor:.4f}."]
     return "\n".join(lines) + "\n"
