@@ -77,7 +77,7 @@ def submit(tgt: Target, name: str, args: list[str], root: Path | None = None) ->
         raise ValueError(f"{JOBS_DIR}/{name}.py: no such job in {root} (jobs here: {have})")
     client = job_client(tgt)
     # Ray's packaging logs each upload, each ignored file and a warning about its own default excludes
-    for logger in ("ray", "ray.dashboard.modules.dashboard_sdk"):
+    for logger in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
         logging.getLogger(logger).setLevel(logging.ERROR)
     return client.submit_job(entrypoint=shlex.join(["python", f"{JOBS_DIR}/{name}.py", *args]),
                              runtime_env=runtime_env(tgt, root), metadata={"fusionrec_job": name})
