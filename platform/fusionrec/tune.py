@@ -422,15 +422,17 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
         tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True)
     else:
         searcher = (OptunaSearch(metric=selection.metric, mode=selection.mode, seed=seed) if search_alg == "tpe"
-                    else BasicVariantGenerator(random_state=seed))
+                    else BasicVariantGenerator(random_state=seed, max_concurrent=concurrency))
         # Every trial gets a quarter of the epochs before ASHA may stop it: after one epoch a small
         # learning rate looks worse than it ends.
         scheduler = (ASHAScheduler(metric=selection.metric, mode=selection.mode, max_t=epochs,
                                    grace_period=max(1, epochs // 4), reduction_factor=2)
                      if early_stopping else FIFOScheduler())
+        # Random search takes its concurrency limit itself (above); TuneConfig's binds a Searcher only.
+        limit = concurrency if search_alg == "tpe" else None
         tuner = tune.Tuner(trainable, param_space=space.param_space(), run_config=run_config,
                            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
-                                                       max_concurrent_trials=concurrency, reuse_actors=True,
+                                                       max_concurrent_trials=limit, reuse_actors=True,
                                                        time_budget_s=time_budget_s))
         folder.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"parent_run_id": parent_id, "space": str(space.path), "base": base}))
