@@ -339,10 +339,12 @@ def _leaderboard(grid, metric: str, mode: str, epochs: int) -> pd.DataFrame:
     rows = []
     for result in grid:
         metrics = result.metrics or {}
+        if not metrics and result.error is None:
+            continue  # never started (a time budget ran out first)
         value = metrics.get(f"best_{metric}")
         epochs_run = int(metrics.get("training_iteration", 0))
         rows.append({"trial": metrics.get("trial_id", Path(result.path).name), **{k: _fmt(v) for k, v in
-                                                                                  result.config.items()},
+                                                                                  (result.config or {}).items()},
                      f"best_{metric}": value, "best_epoch": metrics.get("best_epoch"), "epochs_run": epochs_run,
                      "stopped_early": result.error is None and epochs_run < epochs,
                      "seconds": metrics.get("time_total_s"), "finished_at": metrics.get("timestamp"),
