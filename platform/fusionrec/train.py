@@ -454,6 +454,11 @@ def score_test(model: Recommender, cfg: TrainConfig, prepared: Prepared) -> dict
                      spec.relevance_threshold, cfg.objective)
 
 
+def as_test_metrics(metrics: dict) -> dict[str, float]:
+    """Test metrics under their MLflow names ("precision@5" -> "test_precision_at_5"); Nones left out."""
+    return {f"test_{k.replace('@', '_at_')}": v for k, v in metrics.items() if v is not None}
+
+
 def log_trained_model(model: Recommender, cfg: TrainConfig, prepared: Prepared, run_id: str, metrics: dict) -> str:
     """Log the model as a bundle to the active MLflow run; returns its model URI."""
     from fusionrec import registry
@@ -506,7 +511,7 @@ def train(cfg: TrainConfig, register: bool = False, crash_at_epoch: int | None =
         best = saved["best"]
         metrics = score_test(model, cfg, prepared)
         mlflow.log_metrics({cfg.selection.metric: best["value"], "best_epoch": best["epoch"],
-                            **{f"test_{k.replace('@', '_at_')}": v for k, v in metrics.items() if v is not None}})
+                            **as_test_metrics(metrics)})
         history = {name: [(m.step, m.value) for m in MlflowClient().get_metric_history(run.info.run_id, name)]
                    for name in ("train_loss", "val_loss")}
         with tempfile.TemporaryDirectory() as folder:

@@ -374,7 +374,7 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
 
     from fusionrec import registry
     from fusionrec.ray_runtime import cluster_cpus, ensure_ray
-    from fusionrec.train import log_trained_model, prepare, run_identity, score_test
+    from fusionrec.train import as_test_metrics, log_trained_model, prepare, run_identity, score_test
 
     if search_alg not in SEARCHES:
         raise ValueError(f"unknown search {search_alg!r}: choose one of {', '.join(SEARCHES)}")
@@ -467,7 +467,7 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
     _close_child_runs(client, board, selection.metric)
     with mlflow.start_run(run_id=winner["mlflow_run_id"]):
         mlflow.log_metrics({selection.metric: value, "best_epoch": float(winner["best_epoch"]),
-                            **{f"test_{k.replace('@', '_at_')}": v for k, v in test_metrics.items() if v is not None}})
+                            **as_test_metrics(test_metrics)})
         model_uri = log_trained_model(model, best_cfg, prepared, winner["mlflow_run_id"], test_metrics)
     with atomic_file(folder / "leaderboard.csv") as tmp:
         board.to_csv(tmp, index=False)
@@ -478,7 +478,7 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
         mlflow.log_artifact(str(folder / "best.yaml"))
         mlflow.log_metrics({f"best_{selection.metric}": value, "trials": len(board),
                             "stopped_early": int(board["stopped_early"].sum()),
-                            **{f"test_{k.replace('@', '_at_')}": v for k, v in test_metrics.items() if v is not None}})
+                            **as_test_metrics(test_metrics)})
         mlflow.set_tag("fusionrec.best_run_id", winner["mlflow_run_id"])
     result = SearchResult(board, best, winner["mlflow_run_id"], parent_id, test_metrics, (selection.metric, value),
                           str(folder))
