@@ -11,6 +11,9 @@ and scored on the test split of `fusionrec train`'s random split:
 - `decoded + tastes`: `decoded` plus each user's own weight for every decoded item level, learned
              from their training ratings: what recovering mis-read favourites from ratings can add.
 
+It first prints the probe's out-of-fold accuracy for every factor on each side (how much of each
+stated taste and each item level the embeddings carry).
+
     .venv/bin/python benchmarks/shop_ceiling.py SHOP --features FEATURES [--seeds 0,1,2]
 """
 
@@ -73,6 +76,11 @@ def main(shop: str, features: str = typer.Option(...), seeds: str = "0,1,2") -> 
         for kind in ("text", "image"):
             x, present = _embeddings(features, side, kind, ids)
             decoded |= {(side, f): _decoded(x, present, table[f]) for k, f in factors if k == kind}
+    # How much of each factor the embeddings carry: the probe's out-of-fold accuracy
+    for side, table in (("users", users), ("items", items)):
+        accuracy = {f: np.mean(decoded[(side, f)][decoded[(side, f)] >= 0] == table[f][decoded[(side, f)] >= 0])
+                    for f in names}
+        print(f"probe accuracy, {side}: " + ", ".join(f"{f} {a:.1%}" for f, a in accuracy.items()), flush=True)
     true_levels = {(side, f): table[f] for side, table in (("users", users), ("items", items)) for f in names}
     results: dict[str, list[float]] = {"true": [], "decoded": [], "decoded + tastes": []}
     for seed in seeds.split(","):

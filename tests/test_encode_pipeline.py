@@ -80,11 +80,14 @@ def test_incremental_reencodes_exactly_the_changed_row(shop, tiny_models, tmp_pa
     assert changed.tolist() == [k == 5 for k in range(40)]
 
 
-def test_changing_the_encoder_reencodes_everything(shop, tiny_models, tmp_path):
+@pytest.mark.parametrize("change", [{"pooling": "mean"}, {"text_chunks": "sentence"}])
+def test_changing_the_encoder_reencodes_everything(shop, tiny_models, tmp_path, change):
     out = tmp_path / "features"
     encode_dataset(load_dataset(shop), out, config(tiny_models, tmp_path))
-    reports = encode_dataset(load_dataset(shop), out, config(tiny_models, tmp_path, pooling="mean"))
+    reports = encode_dataset(load_dataset(shop), out, config(tiny_models, tmp_path, **change))
     assert reports[0].encoded == 60 and reports[1].encoded == 40
+    _, meta = read_features(feature_path(out, "users", "text"))
+    assert meta["chunks"] == change.get("text_chunks", "none") and meta["chunk_pooling"] == "mean"
 
 
 def test_undecodable_image_is_skipped_or_fatal_with_strict(shop, tiny_models, tmp_path):
@@ -110,6 +113,8 @@ def test_cli_encode(shop, tiny_models, tmp_path):
     assert "items.image: 40 of 40 re-encoded" in result.stdout
     result = runner.invoke(app, [*args, "--pooling", "max"])
     assert result.exit_code == 1 and "pooling must be one of cls, mean" in result.stderr
+    result = runner.invoke(app, [*args, "--text-chunks", "paragraph"])
+    assert result.exit_code == 1 and "--text-chunks must be one of none, sentence" in result.stderr
 
 
 def test_the_default_image_model_is_prepared_on_first_use(shop, tiny_models, tmp_path, monkeypatch):

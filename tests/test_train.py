@@ -69,6 +69,19 @@ def test_train_logs_to_mlflow_registers_and_evaluates(home, tiny_shop, features,
     result = runner.invoke(app, ["evaluate", str(changed)])
     assert result.exit_code == 1 and "not the data this model was trained on" in result.stderr
 
+    # `fusionrec runs`: both runs side by side, newest first, with their test metrics and the floor;
+    # none on another dataset.
+    result = runner.invoke(app, ["runs", str(tiny_shop)])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[0] for row in rows] == ["| dnn", "| fusion (full)"]
+    assert f"{first.metrics['mse']:.4f}" in rows[1] and f"{worse.metrics['mse']:.4f}" in rows[0]
+    assert "Bayes floor" in result.stdout
+    result = runner.invoke(app, ["runs", str(tiny_shop), "--last", "1"])
+    assert result.stdout.count("| fusion") == 0 and result.stdout.count("| dnn") == 1
+    result = runner.invoke(app, ["runs", str(changed)])
+    assert result.exit_code == 1 and "no training runs on this dataset yet" in result.stderr
+
     # The registered model also loads as a plain MLflow pyfunc; unknown ids score as cold-start.
     import mlflow.pyfunc
 

@@ -191,6 +191,9 @@ def encode(
     image_model: Annotated[str, typer.Option(help="Image model: dinov2-vits14, a local path or a cached name.")]
     = "dinov2-vits14",
     pooling: Annotated[str, typer.Option(help="cls (the paper's) or mean.")] = "cls",
+    text_chunks: Annotated[str, typer.Option(help="none (each text whole) or sentence (each sentence encoded, "
+                                                  "then pooled).")] = "none",
+    chunk_pooling: Annotated[str, typer.Option(help="How sentence vectors are pooled: mean or max.")] = "mean",
     batch_size: Annotated[int, typer.Option(help="Rows per encoder batch.")] = 32,
     actors: Annotated[int, typer.Option(help="Encoder actors in the Ray Data actor pool.")] = 2,
     gpus_per_actor: Annotated[float, typer.Option(help="GPUs per actor (0: CPU).")] = 0.0,
@@ -207,7 +210,8 @@ def encode(
 
     logging.disable_progress_bar()
     config = EncodeConfig(cache=default_cache(cache), text_model=text_model, image_model=image_model,
-                          pooling=pooling, batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
+                          pooling=pooling, text_chunks=text_chunks, chunk_pooling=chunk_pooling,
+                          batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
                           image_size=image_size, strict=strict)
     config.check()
     # Images are checked by the encoder itself: an undecodable one is skipped (or fatal with --strict).
@@ -297,6 +301,43 @@ def train(
     if result.promotion:
         typer.echo(result.promotion.line(), err=True)
     typer.echo(json.dumps(result.metrics))
+
+
+@app.command("runs")
+@friendly_errors
+def runs(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder the runs were trained on.")],
+    last: Annotated[int, typer.Option(help="How many of the newest runs.", min=1)] = 5,
+) -> None:
+    """The newest training runs on a dataset side by side: model, split, the validation metric they
+    were selected on, and their test metrics (with the Bayes floor where the dataset records one)."""
+    from fusionrec.data.fingerprint import data_fingerprint
+    from fusionrec.data.validate import load_dataset
+    from fusionrec.registry import training_runs
+
+    data = load_dataset(dataset, check_images=False)
+    found = training_runs(data_fingerprint(data), last)
+    if not found:
+        fail(f"{dataset}: no training runs on this dataset yet (run `fusionrec train {dataset}`)")
+    floor = data.spec.truth.get("bayes_mse")
+    k = found[0].data.params.get("k", "5")
+    columns = ["test_mse", f"test_precision_at_{k}", f"test_ndcg_at_{k}"]
+    header = ["model", "objective", "split", "seed", "selected on", "test MSE", f"P@{k}", f"NDCG@{k}"]
+    typer.echo("| " + " | ".join(header + (["MSE / floor"] if floor else [])) + " |")
+    typer.echo("|" + "---|" * (len(header) + bool(floor)))
+    for run in found:
+        params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+        variant = params.get("model.variant", "full")
+        model = params["model.model"] + (f" ({variant})" if params["model.model"] == "fusion" else "")
+        selection = tags.get("fusionrec.selection_metric", "")
+        cells = [model, params.get("objective", ""), params.get("split", ""), params.get("seed", ""),
+                 f"{selection} {metrics[selection]:.4f}" if selection in metrics else "–",
+                 *(f"{metrics[c]:.4f}" if c in metrics else "–" for c in columns)]
+        if floor:
+            cells.append(f"{metrics['test_mse'] / floor:.2f}" if "test_mse" in metrics else "–")
+        typer.echo("| " + " | ".join(cells) + " |")
+    if floor:
+        typer.echo(f"Bayes floor (the least test MSE any model can reach on this dataset): {floor:.4f}")
 
 
 @app.command("evaluate")

@@ -221,6 +221,20 @@ def run_metrics(run_id: str | None) -> dict[str, float]:
     return dict(MlflowClient().get_run(run_id).data.metrics)
 
 
+def training_runs(data_fingerprint: str, last: int) -> list:
+    """The `last` newest training runs on the dataset with this fingerprint, newest first: runs of
+    `fusionrec train` (and of the benchmarks that call it), not Ray Tune's trials or searches."""
+    from mlflow import MlflowClient
+
+    experiment_id = setup()
+    found = MlflowClient().search_runs(
+        [experiment_id], filter_string=f"tags.`{TAG}data` = '{data_fingerprint}'",
+        order_by=["attributes.start_time DESC"], max_results=1000)
+    trained = [r for r in found if "model.model" in r.data.params and "mlflow.parentRunId" not in r.data.tags
+               and r.info.status == "FINISHED"]
+    return trained[:last]
+
+
 def promote(version: str, alias: str = CHAMPION) -> str | None:
     """Move `alias` to `version` of MODEL_NAME; returns the version it pointed at before (or None)."""
     from mlflow import MlflowClient

@@ -4,11 +4,18 @@ Any Hugging Face BERT-family text model or ViT/DINOv2 image model loads by local
 name (from the local Hugging Face cache; nothing is downloaded). The defaults are the offline
 models that `fusionrec models prepare` makes ready (or their first use does). Pooling is the CLS
 token (as in the paper) or the mean of the token states.
+
+A text can be read whole (`chunks="none"`, the paper's) or sentence by sentence
+(`chunks="sentence"`): each sentence is encoded on its own and the sentence vectors are pooled
+(`chunk_pooling` mean or max). A self-introduction that states three tastes in three sentences
+then keeps each of them in a vector of its own before they are pooled, instead of squeezing all
+five sentences through one CLS token.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -28,6 +35,9 @@ from fusionrec.encoders.prepare import (
 DEFAULT_TEXT_MODEL = "all-minilm-l6-v2"
 DEFAULT_IMAGE_MODEL = DINOV2_NAME
 POOLINGS = ("cls", "mean")
+TEXT_CHUNKS = ("none", "sentence")
+CHUNK_POOLINGS = ("mean", "max")
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")  # a full stop, ! or ? followed by white space
 
 
 class Encoder(Protocol):
@@ -53,10 +63,19 @@ def resolve_model(model: str, cache: Path) -> str:
     return model
 
 
+def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def _check_pooling(pooling: str) -> str:
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-    return pooling
+    return _check_choice("pooling", pooling, POOLINGS)
+
+
+def sentences(text: str) -> list[str]:
+    """A text cut after each full stop, ! or ?; a text with none (or only white space) is one chunk."""
+    return [part for part in (p.strip() for p in SENTENCE_END.split(text)) if part] or [text]
 
 
 def load_pretrained(model: str, loader):
@@ -68,22 +87,34 @@ def load_pretrained(model: str, loader):
 
 
 class TextEncoder:
-    """A BERT-family encoder: texts -> CLS (or mean of non-padding tokens) of the last layer."""
+    """A BERT-family encoder: texts -> CLS (or mean of non-padding tokens) of the last layer; with
+    `chunks="sentence"`, of each sentence, then pooled over the text's sentences."""
 
     def __init__(self, model: str, pooling: str = "cls", max_length: int = 128, device: str = "cpu",
-                 name: str | None = None):
+                 name: str | None = None, chunks: str = "none", chunk_pooling: str = "mean"):
         from transformers import AutoModel, AutoTokenizer
 
         self.pooling = _check_pooling(pooling)
+        self.chunks = _check_choice("text chunks", chunks, TEXT_CHUNKS)
+        self.chunk_pooling = _check_choice("chunk pooling", chunk_pooling, CHUNK_POOLINGS)
         self.tokenizer = load_pretrained(model, AutoTokenizer)
         self.model = load_pretrained(model, AutoModel).eval().to(device)
         self.device, self.max_length = device, max_length
         self.name = name or Path(model).name
         self.dim = int(self.model.config.hidden_size)
 
-    @torch.inference_mode()
     def encode(self, texts: list[str]) -> np.ndarray:
-        tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+        if self.chunks == "none":
+            return self._encode(list(texts))
+        pieces = [sentences(str(text)) for text in texts]
+        vectors = self._encode([piece for text in pieces for piece in text])  # [all sentences, dim]
+        pool = np.mean if self.chunk_pooling == "mean" else np.max
+        ends = np.cumsum([len(text) for text in pieces])
+        return np.stack([pool(vectors[end - len(text):end], axis=0) for end, text in zip(ends, pieces, strict=True)])
+
+    @torch.inference_mode()
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
                                 return_tensors="pt").to(self.device)
         hidden = self.model(**tokens).last_hidden_state  # [batch, tokens, dim]
         if self.pooling == "cls":

@@ -4,7 +4,8 @@
 
 One table per side (users, items) and kind (text, image): `id`, `content_hash` (sha256 of the
 text or of the image file), `embedding` (float32[dim]), `mask` (1 = encoded, 0 = no content),
-with the encoder's name, model, dim and pooling in the Parquet metadata. Missing text or images
+with the encoder's name, model, dim and pooling (and, for text, how it was chunked) in the Parquet
+metadata. Missing text or images
 become a zero vector with mask 0. Incremental: a row whose hash (and encoder) is unchanged keeps
 its embedding; only new or changed rows go through Ray. The tables are written as one set, the
 tables of the dataset's current text and image columns and no others (see _write_set).
@@ -28,9 +29,11 @@ from fusionrec.data.io import atomic_file, is_missing
 from fusionrec.data.problems import DataError, Problem
 from fusionrec.data.validate import Dataset
 from fusionrec.encoders.base import (
+    CHUNK_POOLINGS,
     DEFAULT_IMAGE_MODEL,
     DEFAULT_TEXT_MODEL,
     POOLINGS,
+    TEXT_CHUNKS,
     ImageEncoder,
     TextEncoder,
     load_pretrained,
@@ -48,6 +51,8 @@ class EncodeConfig:
     text_model: str = DEFAULT_TEXT_MODEL
     image_model: str = DEFAULT_IMAGE_MODEL
     pooling: str = "cls"
+    text_chunks: str = "none"
+    chunk_pooling: str = "mean"
     batch_size: int = 32
     actors: int = 2
     gpus_per_actor: float = 0.0
@@ -59,6 +64,10 @@ class EncodeConfig:
             raise ValueError("--batch-size and --actors must be at least 1, --gpus-per-actor at least 0")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.text_chunks not in TEXT_CHUNKS:
+            raise ValueError(f"--text-chunks must be one of {', '.join(TEXT_CHUNKS)}, got {self.text_chunks!r}")
+        if self.chunk_pooling not in CHUNK_POOLINGS:
+            raise ValueError(f"--chunk-pooling must be one of {', '.join(CHUNK_POOLINGS)}, got {self.chunk_pooling!r}")
         if self.image_size is not None and not 14 <= self.image_size <= 1024:
             raise ValueError(f"--image-size must be between 14 and 1024 pixels, got {self.image_size}")
 
@@ -105,14 +114,16 @@ def embedding_matrix(frame: pd.DataFrame) -> np.ndarray:
 class EncodeBatch:
     """A Ray Data callable class: each actor loads the encoder once and encodes batches."""
 
-    def __init__(self, kind: str, model: str, name: str, pooling: str, image_size: int | None, threads: int):
+    def __init__(self, kind: str, model: str, name: str, pooling: str, image_size: int | None, threads: int,
+                 chunks: str = "none", chunk_pooling: str = "mean"):
         import torch
 
         torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.kind = kind
         if kind == "text":
-            self.encoder = TextEncoder(model, pooling=pooling, device=device, name=name)
+            self.encoder = TextEncoder(model, pooling=pooling, device=device, name=name, chunks=chunks,
+                                       chunk_pooling=chunk_pooling)
         else:
             self.encoder = ImageEncoder(model, pooling=pooling, image_size=image_size, device=device, name=name)
 
@@ -192,7 +203,8 @@ def _run_ray(kind: str, todo: pd.DataFrame, model: str, name: str, cfg: EncodeCo
     encoded = ds.map_batches(
         EncodeBatch,
         fn_constructor_kwargs={"kind": kind, "model": model, "name": name, "pooling": cfg.pooling,
-                               "image_size": cfg.image_size, "threads": threads},
+                               "image_size": cfg.image_size, "threads": threads, "chunks": cfg.text_chunks,
+                               "chunk_pooling": cfg.chunk_pooling},
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -249,6 +261,8 @@ def _model_meta(kind: str, cfg: EncodeConfig) -> tuple[str, str, dict]:
     meta = {"encoder": name, "model": model, "kind": kind, "dim": dim, "pooling": cfg.pooling}
     if kind == "image":
         meta["image_size"] = cfg.image_size
+    else:
+        meta |= {"chunks": cfg.text_chunks, "chunk_pooling": cfg.chunk_pooling}
     return model, name, meta
 
 

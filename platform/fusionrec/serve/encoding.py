@@ -1,7 +1,8 @@
 """Encoding a new user's text and image with the same encoders the model's features came from.
 
-The model's bundle records each feature table's encoder (name, model, pooling, image size); the
-ingress passes that record along with the payload, and each distinct encoder is loaded once.
+The model's bundle records each feature table's encoder (name, model, pooling, text chunks, image
+size); the ingress passes that record along with the payload, and each distinct encoder is loaded
+once.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ class PayloadEncoder:
         try:
             model = resolve_model(alias, self.cache) if default else spec["model"]
             if spec["kind"] == "text":
-                encoder = TextEncoder(model, pooling=spec["pooling"], name=alias)
+                # Feature tables written before text chunking existed read each text whole.
+                encoder = TextEncoder(model, pooling=spec["pooling"], name=alias, chunks=spec.get("chunks", "none"),
+                                      chunk_pooling=spec.get("chunk_pooling", "mean"))
             else:
                 encoder = ImageEncoder(model, pooling=spec["pooling"], image_size=spec.get("image_size"), name=alias)
         except (OSError, ValueError, RuntimeError) as exc:  # not cached: a model put in place later is found
