@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import signal
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -90,29 +97,115 @@ def test_train_logs_to_mlflow_registers_and_evaluates(home, tiny_shop, features,
     assert scores.shape == (2,) and ((scores >= 1) & (scores <= 5)).all()
 
 
-def test_lost_worker_resumes_from_checkpoint(home, tiny_shop, tmp_path):
+def _registered_epoch(storage: Path) -> int | None:
+    """The epoch of the latest checkpoint Ray Train's controller has on record: the one a restart
+    resumes from. The controller rewrites its checkpoint manager's snapshot on registering each
+    report, which it collects from the workers once per health-check interval."""
+    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+        except (json.JSONDecodeError, KeyError):  # caught while being written
+            return None
+        return latest["metrics"]["epoch"] if latest else None
+    return None
+
+
+def _training_worker_pid() -> int | None:
+    """The process of the one live Ray Train worker. (`ray.util.state.list_actors` asks the
+    dashboard, which the test cluster runs without; this reads the same actor table from the GCS.)"""
+    from ray._private.state import actors
+
+    pids = [actor["Pid"] for actor in actors(actor_state_name="ALIVE").values()
+            if actor["ActorClassName"] == "RayTrainWorker"]
+    return pids[0] if len(pids) == 1 else None
+
+
+class WorkerKillingTracker(ThreadingHTTPServer):
+    """A loopback MLflow tracking endpoint for the training worker (its `mlflow_target`). It passes
+    log-metric calls on to the test's MLflow store, except the worker's first one for `epoch`: the
+    worker makes it when that epoch's training is done, just before it reports the epoch and its
+    checkpoint. That call is held, and the worker SIGKILLed from here as soon as the checkpoint of
+    the epoch before is on record: it dies inside `epoch`, however fast or slow the machine is."""
+
+    daemon_threads = True
+
+    def __init__(self, store_uri: str, epoch: int, storage: Path):
+        super().__init__(("127.0.0.1", 0), _TrackerHandler)
+        self.store_uri, self.epoch, self.storage = store_uri, epoch, storage
+        self.uri = f"http://127.0.0.1:{self.server_port}"
+        self.killed_pid: int | None = None
+        self.error: BaseException | None = None
+
+    def kill_worker(self) -> None:
+        deadline = time.monotonic() + 120
+        # Epoch `epoch` cannot be reported while its logging is held: this waits for the one before.
+        while _registered_epoch(self.storage) != self.epoch - 1 or (pid := _training_worker_pid()) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"epoch {self.epoch - 1}'s checkpoint not on record after 120 s")
+            time.sleep(0.02)
+        os.kill(pid, signal.SIGKILL)
+        self.killed_pid = pid
+
+
+class _TrackerHandler(BaseHTTPRequestHandler):
+    server: WorkerKillingTracker
+
+    def do_POST(self) -> None:
+        from mlflow import MlflowClient
+
+        if not self.path.endswith("/runs/log-metric"):
+            self.send_error(404)
+            return
+        metric = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if int(metric.get("step", 0)) == self.server.epoch and self.server.killed_pid is None:
+            try:
+                self.server.kill_worker()
+                return  # nobody is left to answer
+            except BaseException as error:  # noqa: BLE001 - the test fails on it; the run goes on
+                self.server.error = error
+        MlflowClient(self.server.store_uri).log_metric(metric["run_id"], metric["key"], float(metric["value"]),
+                                                       int(metric["timestamp"]), int(metric.get("step", 0)))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args) -> None:  # no access log on stderr
+        pass
+
+
+def test_lost_worker_resumes_from_checkpoint(home, tiny_shop, tmp_path, monkeypatch):
     import mlflow
     from mlflow import MlflowClient
 
     from fusionrec import registry
 
+    # Ray Train's controller collects reports (and so checkpoints) once per health-check interval,
+    # 2 s by default; it reads this variable, which Ray Train passes on from the driver.
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     config = TrainConfig(dataset=str(tiny_shop), epochs=3, batch_size=64, model=ModelConfig(model="svd"))
     prepared = prepare(config)
     registry.setup()
+    tracker = WorkerKillingTracker(registry.tracking_uri(), epoch=1, storage=tmp_path / "crashed")
+    threading.Thread(target=tracker.serve_forever, name="tracker", daemon=True).start()
     runs = {}
-    for name, crash in (("clean", None), ("crashed", 1)):
-        with mlflow.start_run() as run:
-            target = {"uri": registry.tracking_uri(), "run_id": run.info.run_id}
-            _, saved = fit(config, prepared, tmp_path / name, target, crash_at_epoch=crash)
-        steps = [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "train_loss")]
-        adam_steps = max(int(state["step"]) for state in saved["optimizer"]["state"].values())
-        runs[name] = {"saved": saved, "steps": sorted(steps), "adam_steps": adam_steps}
-    assert (tmp_path / "crashed" / "crashed-once").exists()  # the worker really died once, in epoch 1
+    try:
+        for name, uri in (("clean", registry.tracking_uri()), ("crashed", tracker.uri)):
+            with mlflow.start_run() as run:
+                _, saved = fit(config, prepared, tmp_path / name, {"uri": uri, "run_id": run.info.run_id})
+            steps = [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "train_loss")]
+            adam_steps = max(int(state["step"]) for state in saved["optimizer"]["state"].values())
+            runs[name] = {"saved": saved, "steps": sorted(steps), "adam_steps": adam_steps}
+    finally:
+        tracker.shutdown()
+        tracker.server_close()
+    # The worker really died, killed from here inside epoch 1 (after epoch 0's checkpoint was on record).
+    assert tracker.error is None and tracker.killed_pid, tracker.error
     clean, resumed = runs["clean"], runs["crashed"]
     # The epoch counter was restored: epoch 0 ran once (a restart from scratch would log it twice).
     assert clean["steps"] == resumed["steps"] == [0, 1, 2]
     # The optimizer state was restored: Adam counted every step of all three epochs, as without a crash.
-    assert resumed["adam_steps"] == clean["adam_steps"] > 0
+    assert resumed["adam_steps"] == clean["adam_steps"] == 3 * math.ceil(len(prepared.split.train) / 64)
     assert clean["saved"]["epoch"] == resumed["saved"]["epoch"] == 2
     assert resumed["saved"]["best"]["value"] == pytest.approx(clean["saved"]["best"]["value"], rel=0.1)
 

@@ -14,8 +14,6 @@ feedback), which are what gets evaluated and registered. The test part is scored
 from __future__ import annotations
 
 import math
-import os
-import signal
 import tempfile
 import threading
 import time
@@ -292,14 +290,6 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
 
     def batches(epoch: int):
-        crash = config.get("crash_at_epoch")
-        if crash is not None and epoch == crash and rank == 0 and not Path(config["crash_marker"]).exists():
-            # A real lost worker, for the fault-tolerance test. Ray Train's controller collects reports
-            # (and so checkpoints) every health-check interval (2 s): wait two, so the last epoch's
-            # checkpoint is on record, as it is when a worker dies mid-epoch in a real run.
-            time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1)
-            Path(config["crash_marker"]).touch()
-            os.kill(os.getpid(), signal.SIGKILL)
         # Ray Data hands over large shuffled blocks; cutting them into minibatches here keeps its
         # per-batch overhead off every optimiser step.
         for block in shard.iter_torch_batches(batch_size=max(config["batch_size"], READ_BATCH),
@@ -381,8 +371,8 @@ class TrainResult:
     promotion: object | None = None  # registry.Promotion when registered
 
 
-def fit(cfg: TrainConfig, prepared: Prepared, storage: Path, mlflow_target: dict | None = None,
-        crash_at_epoch: int | None = None) -> tuple[Recommender, dict]:
+def fit(cfg: TrainConfig, prepared: Prepared, storage: Path,
+        mlflow_target: dict | None = None) -> tuple[Recommender, dict]:
     """Run the TorchTrainer; returns (best model on validation, in eval mode; the final checkpoint's
     saved dict, which also carries the last epoch's reported `metrics`)."""
     import ray
@@ -394,10 +384,7 @@ def fit(cfg: TrainConfig, prepared: Prepared, storage: Path, mlflow_target: dict
     ensure_ray()
     data = loop_data(prepared.users, prepared.items, prepared.ratings, prepared.split)
     cpus_per_worker = cpus_each(cfg.workers)
-    config = loop_config(cfg, data, cpus_per_worker) | {
-        "data": ray.put(data), "mlflow": mlflow_target,
-        "crash_at_epoch": crash_at_epoch, "crash_marker": str(storage / "crashed-once"),
-    }
+    config = loop_config(cfg, data, cpus_per_worker) | {"data": ray.put(data), "mlflow": mlflow_target}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -490,7 +477,7 @@ def config_params(cfg: TrainConfig, dataset_name: str) -> dict:
             **{k: v for k, v in asdict(cfg).items() if k not in ("model", "dataset", "features")}}
 
 
-def train(cfg: TrainConfig, register: bool = False, crash_at_epoch: int | None = None) -> TrainResult:
+def train(cfg: TrainConfig, register: bool = False) -> TrainResult:
     """The whole `fusionrec train`: fit on Ray (choosing the epoch on validation), score the test part
     once, log to MLflow, register."""
     import mlflow
@@ -507,7 +494,7 @@ def train(cfg: TrainConfig, register: bool = False, crash_at_epoch: int | None =
         log_config(cfg, prepared)
         target = {"uri": registry.tracking_uri(), "run_id": run.info.run_id}
         with EpochProgress(run.info.run_id, cfg.epochs):
-            model, saved = fit(cfg, prepared, storage, target, crash_at_epoch)
+            model, saved = fit(cfg, prepared, storage, target)
         best = saved["best"]
         metrics = score_test(model, cfg, prepared)
         mlflow.log_metrics({cfg.selection.metric: best["value"], "best_epoch": best["epoch"],
