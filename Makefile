@@ -34,6 +34,9 @@ demo: install
 	$(BIN)/fusionrec models prepare
 	$(BIN)/fusionrec encode $(DEMO_SHOP) --out $(DEMO_FEATURES) --image-size 112
 	$(BIN)/fusionrec train $(DEMO_SHOP) --features $(DEMO_FEATURES) --epochs 10 --register
+	@echo "the same shop without text, images or attributes: NeuMF on the ids alone"
+	$(BIN)/fusionrec train $(DEMO_SHOP) --model neumf --epochs 10
+	$(BIN)/fusionrec runs $(DEMO_SHOP) --last 2
 	$(BIN)/fusionrec tune $(DEMO_SHOP) --features $(DEMO_FEATURES) --space tune/widths.yaml --trials 4 --epochs 5
 	$(BIN)/python -m fusionrec.serve.demo --port $(DEMO_PORT)
 	@echo "demo shop at $(DEMO_SHOP) (hidden truth under 'truth:' in dataset.yaml), features at $(DEMO_FEATURES)"

@@ -2,7 +2,7 @@
 MLflow) over several seeds, reported as mean +- std, next to the dataset's Bayes floor when it has one.
 
     .venv/bin/python benchmarks/quality.py DATASET --features FEATURES [--split random] [--seeds 0,1,2]
-        [--objective rating|implicit] [--protocol candidate|full] [--k 5] [--epochs 15] [--lr 0.005]
+        [--objective rating|implicit] [--protocol candidate|full] [--k 5] [--epochs 30] [--lr 0.005]
         [--id-l2 L2]
 
 Protocol `candidate` (default): test MSE, Precision@K and NDCG@K over each user's test items (the
@@ -43,7 +43,7 @@ def _metrics(result, dataset: str, protocol: str, k: int) -> dict:
 
 def main(dataset: str, features: str = typer.Option(None), split: str = "random", seeds: str = "0,1,2",
          rows: str = ",".join(ROWS), objective: str = "rating", protocol: str = "candidate", k: int = 5,
-         epochs: int = 15, lr: float = 5e-3, id_l2: float = typer.Option(None)) -> None:
+         epochs: int = 30, lr: float = 5e-3, id_l2: float = typer.Option(None)) -> None:
     if protocol not in ("candidate", "full"):
         raise typer.BadParameter(f"--protocol must be candidate or full, got {protocol!r}")
     floor = load_spec(dataset).truth.get("bayes_mse") if protocol == "candidate" else None

@@ -180,11 +180,11 @@ def test_cnn_reads_raw_pixels(tiny_shop):
 
 def test_text_and_image_projections_are_shared_by_users_and_items():
     users, items = sides()
-    model = build_model(users, items, ModelConfig(content_dropout=0.0)).eval()
+    model = build_model(users, items, ModelConfig(content_dropout=0.0, codebooks=0)).eval()
     assert model.user_tower.media["text"] is model.item_tower.media["text"]
     # a user and an item with the same text embedding land on the same projected vector
     items.text[0] = users.text[0]
-    same = build_model(users, items, ModelConfig(standardise=False)).eval()
+    same = build_model(users, items, ModelConfig(standardise=False, codebooks=0)).eval()
     user_vector, _ = same.user_tower(same.users.gather(torch.tensor([0])))
     item_vector, _ = same.item_tower(same.items.gather(torch.tensor([0])))
     text = slice(same.config.embedding_dim, same.config.embedding_dim + same.config.content_dim)
@@ -253,3 +253,27 @@ def test_a_bundle_with_a_config_this_version_does_not_know_fails_naming_it(tmp_p
     (tmp_path / "fusion" / "bundle.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=f"{tmp_path / 'fusion'}: .*a key this version does not know, 'colour'"):
         load_bundle(tmp_path / "fusion")
+
+
+def test_codebooks_are_shared_soft_assignments_that_start_as_matches():
+    users, items = sides()
+    config = ModelConfig(codebooks=3, codebook_size=4, content_dropout=0.0, standardise=False)
+    items.text[0] = users.text[0]  # a user and an item with the same text
+    model = build_model(users, items, config).eval()
+    codes = model.user_tower.media["text"]
+    assert codes is model.item_tower.media["text"] and codes.out_features == 12
+    user_vector, _ = model.user_tower(model.users.gather(torch.tensor([0, 1])))
+    item_vector, _ = model.item_tower(model.items.gather(torch.tensor([0])))
+    text = slice(config.embedding_dim, config.embedding_dim + 12)
+    books = user_vector[:, text].view(2, 3, 4)
+    assert (books >= 0).all() and torch.allclose(books.sum(-1), torch.ones(2, 3))  # one distribution per book
+    assert torch.allclose(user_vector[:1, text], item_vector[:, text])  # same text, same codes
+    # each code's GMF weight starts at 1 (text then image: 24 entries), so sharing a code starts as a match
+    assert model.user_tower.out_dim == config.embedding_dim + 24 + config.content_dim
+    assert torch.equal(model.out.weight[0, config.embedding_dim:config.embedding_dim + 24], torch.ones(24))
+    # every row scores as pairwise and through the cached-tower path
+    model.mark_seen(np.array([0, 1, 2]), np.array([0, 1, 2, 3]))
+    for user in (1, 4):
+        assert torch.allclose(model.score_all(user), model(torch.full((5,), user), torch.arange(5)), atol=1e-5)
+    with pytest.raises(ValueError, match="codebook_size >= 2"):
+        ModelConfig(codebooks=2, codebook_size=1).check()

@@ -192,7 +192,7 @@ def encode(
     = "dinov2-vits14",
     pooling: Annotated[str, typer.Option(help="cls (the paper's) or mean.")] = "cls",
     text_chunks: Annotated[str, typer.Option(help="none (each text whole) or sentence (each sentence encoded, "
-                                                  "then pooled).")] = "none",
+                                                  "then pooled).")] = "sentence",
     chunk_pooling: Annotated[str, typer.Option(help="How sentence vectors are pooled: mean or max.")] = "mean",
     batch_size: Annotated[int, typer.Option(help="Rows per encoder batch.")] = 32,
     actors: Annotated[int, typer.Option(help="Encoder actors in the Ray Data actor pool.")] = 2,
@@ -252,7 +252,9 @@ def train(
     = "fusion",
     variant: Annotated[str, typer.Option(help="full, no_image, no_text, no_structured or id_only.")] = "full",
     mlp: Annotated[str, typer.Option(help="MLP widths, comma-separated.")] = "128,64",
-    epochs: Annotated[int, typer.Option(help="Training epochs (the best on validation is kept).")] = 15,
+    codebooks: Annotated[int, typer.Option(help="Text/image projections as this many softmaxes over learned codes "
+                                                "(0: linear projections).", min=0)] = 3,
+    epochs: Annotated[int, typer.Option(help="Training epochs (the best on validation is kept).")] = 30,
     batch_size: Annotated[int, typer.Option(help="Ratings per batch (per worker).")] = 256,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 5e-3,
     objective: Annotated[str, typer.Option(help="rating (MSE on stars) or implicit (BCE, sampled negatives).")]
@@ -275,7 +277,7 @@ def train(
     flags = {"dataset": str(dataset) if dataset else None, "features": str(features) if features else None,
              "epochs": epochs, "batch_size": batch_size, "lr": lr, "objective": objective, "workers": workers,
              "split": split, "seed": seed, "id_l2": id_l2}
-    model_flags = {"model": model, "variant": variant, "mlp": _widths(mlp)}
+    model_flags = {"model": model, "variant": variant, "mlp": _widths(mlp), "codebooks": codebooks}
     if config is None:
         settings = {**flags, "model": model_flags}
     else:  # the file's settings, with the flags given on the command line on top

@@ -69,7 +69,7 @@ class TrainConfig:
     dataset: str
     features: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
-    epochs: int = 15
+    epochs: int = 30
     batch_size: int = 256
     lr: float = 5e-3
     id_l2: float | None = None  # weight decay on id embeddings only (they overfit first); None = ID_L2[objective]

@@ -51,7 +51,7 @@ class EncodeConfig:
     text_model: str = DEFAULT_TEXT_MODEL
     image_model: str = DEFAULT_IMAGE_MODEL
     pooling: str = "cls"
-    text_chunks: str = "none"
+    text_chunks: str = "sentence"  # see encoders/base.py; "none" reads each text whole (the paper's way)
     chunk_pooling: str = "mean"
     batch_size: int = 32
     actors: int = 2
@@ -115,7 +115,7 @@ class EncodeBatch:
     """A Ray Data callable class: each actor loads the encoder once and encodes batches."""
 
     def __init__(self, kind: str, model: str, name: str, pooling: str, image_size: int | None, threads: int,
-                 chunks: str = "none", chunk_pooling: str = "mean"):
+                 chunks: str, chunk_pooling: str):
         import torch
 
         torch.set_num_threads(threads)

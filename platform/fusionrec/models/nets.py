@@ -7,7 +7,8 @@ row indices (index n = the unknown user/item), `score_all(user)` ranks every ite
               training with probability id_dropout, so unseen users/items score from content)
         b   = id bias
         t, v = text and image CLS embeddings (z-scored, / sqrt(width)), each through a projection
-              that users and items share: the fusion layer, per modality
+              that users and items share: the fusion layer, per modality (linear, or with
+              `codebooks`, a few softmaxes over learned codes: see Codebooks)
         s   = MLP(structured one-hots ++ numbers), per side
         vector x = [p ++ T t ++ V v ++ s]   (content entries dropped out where the MLP reads them)
     rating = w . [x_u * x_i  ++  MLP_128->64(x_u ++ x_i)] + b_u + b_i + c
@@ -49,6 +50,10 @@ class ModelConfig:
     embedding_dim: int = 32
     content_dim: int = 32
     content_hidden: list[int] = field(default_factory=list)  # hidden widths of each content projection; [] = linear
+    # `codebooks` > 0: each text/image projection ends in that many softmaxes over `codebook_size`
+    # codes (see Codebooks) instead of a linear map to `content_dim`.
+    codebooks: int = 3
+    codebook_size: int = 8
     id_dropout: float = 0.2
     # `standardise`: text/image embeddings z-scored per dimension with the mean and std of the
     # side's content (the known users or items that have the text/image; missing ones stay zero)
@@ -72,6 +77,9 @@ class ModelConfig:
             raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
         if not 0 <= self.content_dropout < 1:
             raise ValueError(f"content_dropout must be in [0, 1), got {self.content_dropout}")
+        if self.codebooks < 0 or self.codebook_size < 2:
+            raise ValueError(f"codebooks must be >= 0 and codebook_size >= 2, got {self.codebooks} and "
+                             f"{self.codebook_size}")
 
 
 def mlp(widths: list[int], final_activation: bool = True) -> nn.Sequential:
@@ -81,6 +89,29 @@ def mlp(widths: list[int], final_activation: bool = True) -> nn.Sequential:
         if final_activation or k < len(widths) - 2:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
+
+
+class Codebooks(nn.Module):
+    """A content embedding -> `books` soft assignments, each over `size` codes: [batch, books * size].
+
+    Shared by users and items like the linear projection it replaces, so a user and an item whose
+    content falls on the same code of a book meet in the GMF product. Tastes are often categorical
+    (a favourite fabric, a colour, a genre): a softmax reads "which one" sharply, where a linear map
+    of the embedding mixes every level's direction into every product (README, Quality)."""
+
+    def __init__(self, dim: int, hidden: list[int], books: int, size: int):
+        super().__init__()
+        self.books, self.size, self.out_features = books, size, books * size
+        self.logits = mlp([dim, *hidden, books * size], final_activation=False)
+        self.input_scale = dim ** 0.5  # SideTower divides embeddings by sqrt(width): undone, so logits start O(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(x * self.input_scale).view(len(x), self.books, self.size)
+        return torch.softmax(logits, dim=-1).flatten(1)  # [batch, books * size]
+
+
+def _out_width(projection: nn.Module) -> int:
+    return projection.out_features if hasattr(projection, "out_features") else projection[-1].out_features
 
 
 class ContentBank(nn.Module):
@@ -181,8 +212,9 @@ class SideTower(nn.Module):
         structured_dim = 0 if v in ("no_structured", "id_only") else bank.structured.shape[1]
         widths = [*config.content_hidden, config.content_dim]
         self.structured = mlp([structured_dim, *widths], final_activation=False) if structured_dim else None
-        self.content_dim = config.content_dim
-        self.out_dim = config.embedding_dim + config.content_dim * (len(media) + (self.structured is not None))
+        self.widths = {name: _out_width(projection) for name, projection in media.items()}
+        self.out_dim = (config.embedding_dim + sum(self.widths.values())
+                        + config.content_dim * (self.structured is not None))
 
     def forward(self, side: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(vector, bias) for a batch of one side: vector = [id ++ text ++ image ++ structured]."""
@@ -192,7 +224,7 @@ class SideTower(nn.Module):
         parts = [self.ids(ids)]  # [batch, embedding_dim]
         for name, projection in self.media.items():  # [batch, content_dim] each; zeros if this side has none
             parts.append(projection(self._embedding(side, name)) if name in self.own_media
-                         else parts[0].new_zeros(len(ids), self.content_dim))
+                         else parts[0].new_zeros(len(ids), self.widths[name]))
         if self.structured is not None:
             parts.append(self.structured(side["structured"]))
         return torch.cat(parts, dim=1), self.bias(ids).squeeze(-1)  # [batch, out_dim], [batch]
@@ -224,7 +256,10 @@ def _media_projections(users: ContentBank, items: ContentBank, config: ModelConf
         if len(dims) > 1:
             raise ValueError(f"users' and items' {name} embeddings differ in width ({sorted(dims)}): "
                              "encode both sides with one model")
-        projections[name] = mlp([dims.pop(), *config.content_hidden, config.content_dim], final_activation=False)
+        dim = dims.pop()
+        projections[name] = (Codebooks(dim, config.content_hidden, config.codebooks, config.codebook_size)
+                             if config.codebooks else mlp([dim, *config.content_hidden, config.content_dim],
+                                                          final_activation=False))
     return projections
 
 
@@ -237,6 +272,13 @@ class FusionNeuMF(Recommender):
         self.mlp = mlp([2 * gmf_dim, *config.mlp])
         self.out = nn.Linear(gmf_dim + config.mlp[-1], 1)
         nn.init.constant_(self.out.bias, config.global_mean)
+        if config.codebooks:
+            # Codes start as matches: a user and an item on the same code of a book raise the score.
+            # With the default init (small weights of either sign) the softmaxes got no consistent
+            # gradient to organise around, and the codes learned little (README, Quality).
+            with torch.no_grad():
+                start = config.embedding_dim
+                self.out.weight[0, start:start + sum(self.user_tower.widths.values())] = 1.0
 
         self.content_dropout = nn.Dropout(config.content_dropout)
         self._items_cache: tuple[torch.Tensor, ...] | None = None
