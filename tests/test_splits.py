@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 
 from fusionrec.data.splits import (
-    RANKS_HELD_OUT_ITEMS,
     SPLITS,
     cold_items_split,
     cold_start_split,
@@ -138,7 +137,7 @@ def test_cold_items_holds_out_a_fifth_of_the_items_whole(ratings):
     # users are not held out: most test users also have training ratings
     users = ratings["user_id"]
     assert users.iloc[split.test].isin(users.iloc[split.train]).mean() > 0.9
-    assert "cold-items" in SPLITS and "cold-items" in RANKS_HELD_OUT_ITEMS
+    assert "cold-items" in SPLITS and split.ranks_held_out and not cold_start_split(ratings).ranks_held_out
 
 
 def test_cold_items_is_seeded_and_registered(ratings):

@@ -25,11 +25,14 @@ EMPTY = np.empty(0, dtype=np.int64)
 
 @dataclass(frozen=True)
 class Split:
-    """Row positions (into the ratings table) of each part; parts are disjoint."""
+    """Row positions (into the ratings table) of each part; parts are disjoint. `ranks_held_out`:
+    the split holds out whole items, and full ranking over its validation or test part ranks only
+    that part's held-out items (`held_out_items`), not the whole catalogue (cold-items)."""
 
     train: np.ndarray
     validation: np.ndarray
     test: np.ndarray
+    ranks_held_out: bool = False
 
     @property
     def fitted(self) -> np.ndarray:
@@ -137,7 +140,7 @@ def cold_items_split(
     Validation is carved the same way as test (items, not ratings), so choosing an epoch or a model
     on it is itself a cold-item problem, and test is never consulted for it. No held-out item has a
     training rating; a user may have ratings in all three parts (users are not held out).
-    Evaluation ranks only a part's own held-out items (`held_out_items`, `RANKS_HELD_OUT_ITEMS`)."""
+    Full ranking over a part ranks only that part's held-out items (`Split.ranks_held_out`)."""
     if min(validation, test) < 0 or validation + test >= 1:
         raise ValueError("validation and test fractions must be non-negative and sum to below 1")
     test_items, validation_items = _hold_out(ratings[item_col], validation, test, np.random.default_rng(seed))
@@ -145,7 +148,8 @@ def cold_items_split(
     in_test = items.isin(test_items).to_numpy()
     in_validation = items.isin(validation_items).to_numpy()
     positions = np.arange(len(ratings))
-    return Split(positions[~in_test & ~in_validation], positions[in_validation], positions[in_test])
+    return Split(positions[~in_test & ~in_validation], positions[in_validation], positions[in_test],
+                 ranks_held_out=True)
 
 
 def held_out_items(part: pd.DataFrame, item_col: str = "item_idx") -> np.ndarray:
@@ -197,9 +201,6 @@ def sample_negatives(
 
 
 SPLITS = ("random", "stratified", "cold-start", "cold-items", "loo")
-# Splits whose full-ranking evaluation (and implicit validation) ranks only the part's held-out
-# items (`held_out_items`), not the whole catalogue: a cold item competes with the other cold items.
-RANKS_HELD_OUT_ITEMS = frozenset({"cold-items"})
 
 
 def split_by_name(ratings: pd.DataFrame, name: str, seed: int = 0) -> Split:
