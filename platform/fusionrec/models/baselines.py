@@ -89,32 +89,49 @@ class ContentKNN(CountModel):
         # Each user row's training items, as CSR: history_items[history_start[u]:history_start[u + 1]].
         self.register_buffer("history_start", torch.zeros(self.users.n + 2, dtype=torch.long))
         self.register_buffer("history_items", torch.zeros(0, dtype=torch.long))
+        self._unit_cache: torch.Tensor | None = None  # the known items' unit text vectors
+
+    def _unit_items(self) -> torch.Tensor:
+        if self._unit_cache is None:
+            self._unit_cache = self._unit(self.items.text[:self.items.n])
+        return self._unit_cache
 
     def fit_ratings(self, users: np.ndarray, items: np.ndarray) -> None:
         pairs = np.unique(np.stack([users, items], axis=1).astype(np.int64), axis=0)  # sorted by user
         counts = np.bincount(pairs[:, 0], minlength=self.users.n + 1)
         self.history_start.copy_(torch.as_tensor(np.concatenate([[0], np.cumsum(counts)])))
         self.history_items = torch.as_tensor(pairs[:, 1].copy())
+        self._unit_cache = None
 
     def load_state_dict(self, state_dict, *args, **kwargs):
         # the history's length is the number of training pairs, unknown until the weights are read
         self.history_items = torch.zeros_like(state_dict["history_items"])
+        self._unit_cache = None
         return super().load_state_dict(state_dict, *args, **kwargs)
 
     @staticmethod
     def _unit(x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(x.float(), dim=1)  # all-zero rows (no text) stay zero
 
+    def _knn(self, user: int, items: torch.Tensor) -> torch.Tensor:
+        """[len(items)]: the mean of each unit vector's top-k cosines with user row `user`'s training items."""
+        history = self.history_items[self.history_start[user]:self.history_start[user + 1]]
+        if not len(history):
+            return torch.zeros(len(items))
+        similarity = items @ self._unit_items()[history].T  # [items, history]
+        k = len(history) if self.config.neighbours == 0 else min(self.config.neighbours, len(history))
+        return similarity.topk(k, dim=1).values.mean(1)
+
     def score(self, user, item):
         users = user["ids"]
         items = self._unit(item["text"])  # [batch, dim]
         out = torch.zeros(len(users))
         for u in torch.unique(users).tolist():
-            history = self.history_items[self.history_start[u]:self.history_start[u + 1]]
-            if not len(history):
-                continue
             rows = users == u
-            similarity = items[rows] @ self._unit(self.items.text[history]).T  # [rows, history]
-            k = len(history) if self.config.neighbours == 0 else min(self.config.neighbours, len(history))
-            out[rows] = similarity.topk(k, dim=1).values.mean(1)
+            out[rows] = self._knn(u, items[rows])
         return out
+
+    @torch.no_grad()
+    def score_all_for(self, user):
+        """Every known item for one user (what score() gives, without expanding the user to n rows)."""
+        return self._knn(int(user["ids"][0]), self._unit_items())
