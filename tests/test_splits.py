@@ -8,7 +8,9 @@ import pytest
 
 from fusionrec.data.splits import (
     SPLITS,
+    cold_items_split,
     cold_start_split,
+    held_out_items,
     kfold,
     leave_one_out,
     random_split,
@@ -119,6 +121,38 @@ def test_cold_start_holds_out_whole_users_and_items(ratings):
         cold = 1 - train[column].nunique() / ratings[column].nunique()
         assert 0.2 < cold < 0.4, (column, cold)
     assert 0.1 < len(split.test) / len(ratings) < 0.6
+
+
+def test_cold_items_holds_out_a_fifth_of_the_items_whole(ratings):
+    split = cold_items_split(ratings, seed=0)
+    assert_partition(split, len(ratings))
+    items = ratings["item_id"]
+    train, validation, test = (set(items.iloc[p]) for p in (split.train, split.validation, split.test))
+    # whole items: a held-out item has no training rating, and validation and test hold out their own
+    assert not (train & test) and not (train & validation) and not (validation & test)
+    # every rating of a held-out item went with it
+    assert items.isin(test).sum() == len(split.test) and items.isin(validation).sum() == len(split.validation)
+    n = items.nunique()
+    assert len(test) == round(0.2 * n) and len(validation) == round(0.1 * n)
+    # users are not held out: most test users also have training ratings
+    users = ratings["user_id"]
+    assert users.iloc[split.test].isin(users.iloc[split.train]).mean() > 0.9
+    assert "cold-items" in SPLITS and split.ranks_held_out and not cold_start_split(ratings).ranks_held_out
+
+
+def test_cold_items_is_seeded_and_registered(ratings):
+    split = cold_items_split(ratings, seed=5)
+    assert np.array_equal(split_by_name(ratings, "cold-items", seed=5).test, split.test)
+    assert np.array_equal(cold_items_split(ratings, seed=5).validation, split.validation)
+    other = cold_items_split(ratings, seed=6)
+    assert set(ratings["item_id"].iloc[other.test]) != set(ratings["item_id"].iloc[split.test])
+    with pytest.raises(ValueError, match="sum to below 1"):
+        cold_items_split(ratings, validation=0.5, test=0.5)
+
+
+def test_held_out_items_are_the_items_of_a_part():
+    part = pd.DataFrame({"user_idx": [0, 1, 1, 2], "item_idx": [7, 3, 7, 5]})
+    assert held_out_items(part).tolist() == [3, 5, 7]
 
 
 def test_leave_one_out_takes_each_users_latest_rating(ratings):

@@ -229,7 +229,7 @@ def models_list() -> None:
     from fusionrec.models.nets import MODELS, VARIANTS
 
     for name, description in MODELS.items():
-        typer.echo(f"{name:8s} {description}")
+        typer.echo(f"{name:12s} {description}")
     typer.echo(f"variants of fusion: {', '.join(VARIANTS)}")
 
 
@@ -248,7 +248,8 @@ def train(
     config: Annotated[Path | None, typer.Option(help="Training settings as YAML (e.g. the best.yaml that "
                                                      "`fusionrec tune` writes); flags given as well win.")] = None,
     features: Annotated[Path | None, typer.Option(help="Feature tables from `fusionrec encode`.")] = None,
-    model: Annotated[str, typer.Option(help="fusion, neumf, svd, dnn or cnn (see `fusionrec models list`).")]
+    model: Annotated[str, typer.Option(help="fusion, neumf, svd, dnn, cnn, or the cold-item baselines genre-pop "
+                                            "and content-knn (see `fusionrec models list`).")]
     = "fusion",
     variant: Annotated[str, typer.Option(help="full, no_image, no_text, no_structured or id_only.")] = "full",
     mlp: Annotated[str, typer.Option(help="MLP widths, comma-separated.")] = "128,64",
@@ -260,7 +261,8 @@ def train(
     objective: Annotated[str, typer.Option(help="rating (MSE on stars) or implicit (BCE, sampled negatives).")]
     = "rating",
     workers: Annotated[int, typer.Option(help="Ray Train workers (DDP).")] = 1,
-    split: Annotated[str, typer.Option(help="random (70/10/20), stratified (75/25 per user), cold-start or loo.")]
+    split: Annotated[str, typer.Option(help="random (70/10/20), stratified (75/25 per user), cold-start, "
+                                            "cold-items (20 % of items held out whole) or loo.")]
     = "random",
     seed: Annotated[int, typer.Option(help="Seed for the split and the initialisation.")] = 0,
     id_l2: Annotated[float | None, typer.Option(help="Weight decay on the id embeddings (default: 3e-2 for "
@@ -430,7 +432,7 @@ def tune(
     search: Annotated[str, typer.Option(help="tpe (Optuna, model-based) or random.")] = "tpe",
     early_stopping: Annotated[bool, typer.Option(help="ASHA early stopping on the per-epoch validation metric.")]
     = True,
-    split: Annotated[str, typer.Option(help="random, stratified, cold-start or loo.")] = "random",
+    split: Annotated[str, typer.Option(help="random, stratified, cold-start, cold-items or loo.")] = "random",
     objective: Annotated[str | None, typer.Option(help="rating or implicit (default: the space's).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the split, the searcher and each trial.")] = 0,
     register: Annotated[bool, typer.Option(help="Register the best trial's model (champion moves only under the "

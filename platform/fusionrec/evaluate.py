@@ -3,6 +3,8 @@
 - candidate: rank each user's test items by predicted rating (the paper's protocol; `metrics.py`).
 - full: rank every item the user did not rate in training (train + validation); all of the user's
   test items are relevant (the Microsoft Recommenders protocol): HR, Precision, Recall, NDCG, MAP at K.
+  Under a split that holds out whole items (`cold-items`) each test user ranks only the held-out
+  test items, not the whole catalogue (a cold item competes with the other cold items).
   Two MAPs: `map@K` divides each user's sum of precisions at the hits by min(K, relevant items)
   (recommenders' `map_at_k` since 1.2); `map_all@K` by the number of relevant items (recommenders'
   `map`, which is what its `map_at_k` computed before 1.2 and what its published benchmark table shows).
@@ -18,7 +20,7 @@ import pandas as pd
 import torch
 
 from fusionrec.data.fingerprint import data_fingerprint
-from fusionrec.data.splits import sample_negatives, split_by_name
+from fusionrec.data.splits import Split, held_out_items, sample_negatives, split_by_name
 from fusionrec.data.validate import Dataset, load_dataset
 from fusionrec.metrics import candidate_metrics, leave_one_out_metrics, ranking_metrics
 from fusionrec.models.bundle import load_bundle
@@ -74,18 +76,33 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return top[np.argsort(-scores[top], kind="stable")]
 
 
+def top_k_among(scores: np.ndarray, candidates: np.ndarray | None, seen, k: int) -> np.ndarray:
+    """The k best items (indices into `scores`, best first) among `candidates` (None: every item),
+    leaving out `seen`; fewer than k if fewer remain."""
+    pool = np.arange(len(scores)) if candidates is None else np.asarray(candidates, np.int64)
+    pool = pool[~np.isin(pool, np.asarray(list(seen), np.int64))]
+    return pool[top_k(scores[pool], k)]
+
+
 @torch.no_grad()
-def full_ranking(model: Recommender, train: pd.DataFrame, test: pd.DataFrame, k: int) -> dict:
+def full_ranking(model: Recommender, train: pd.DataFrame, test: pd.DataFrame, k: int,
+                 candidates: np.ndarray | None = None) -> dict:
     """Top-k over all items not rated in `train` (pass train + validation), per test user; every test
-    item is relevant (`metrics.ranking_metrics`)."""
+    item is relevant (`metrics.ranking_metrics`). `candidates`: rank only these items (item rows; a
+    cold-items split's held-out items, `held_out_items(test)`) instead of the whole catalogue."""
     seen = train.groupby("user_idx")["item_idx"].agg(list).to_dict()
     relevant = test.groupby("user_idx")["item_idx"].agg(set)
     recommended = []
     for user in relevant.index:
         scores = model.score_all(int(user)).float().numpy()
-        scores[seen.get(user, [])] = -np.inf
-        recommended.append(top_k(scores, k))
+        recommended.append(top_k_among(scores, candidates, seen.get(user, []), k))
     return ranking_metrics(recommended, list(relevant), k)
+
+
+def ranking_candidates(split: Split, part: pd.DataFrame) -> np.ndarray | None:
+    """What a part's users rank under full ranking: the part's held-out items for a split that holds
+    out whole items (`cold-items`), else None (every item)."""
+    return held_out_items(part) if split.ranks_held_out else None
 
 
 @torch.no_grad()
@@ -120,7 +137,7 @@ def evaluate_bundle(dataset_path: Path, bundle: Path, protocol: str = "candidate
     if protocol == "candidate":
         return candidate(model, test, tuple(meta["rating_scale"]), k, meta["relevance_threshold"], meta["objective"])
     if protocol == "full":
-        return full_ranking(model, ratings.iloc[split.fitted], test, k)
+        return full_ranking(model, ratings.iloc[split.fitted], test, k, ranking_candidates(split, test))
     if meta["split"] != "loo":
         raise ValueError("the ncf protocol needs a model trained with --split loo")
     return ncf(model, ratings, test, n_items, k=k, seed=meta["seed"])

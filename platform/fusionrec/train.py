@@ -9,10 +9,13 @@ Checkpoints are written every epoch; a lost worker restarts the group from the l
 (`FailureConfig(max_failures=...)`). The checkpoint also keeps the best weights on validation
 (`SELECTION`: validation MSE for ratings, validation nDCG@10 over full ranking for implicit
 feedback), which are what gets evaluated and registered. The test part is scored once, after.
+Models without gradients (`nets.NO_GRADIENT`: the genre-pop and content-knn baselines) skip the
+Trainer: `fit` fits them in one pass from the training ratings and validates them the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import threading
@@ -21,6 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import yaml
@@ -30,10 +34,11 @@ from fusionrec.data.fingerprint import data_fingerprint, features_fingerprint
 from fusionrec.data.splits import SPLITS, Split, split_by_name
 from fusionrec.data.validate import Dataset, load_dataset
 from fusionrec.encoders.pipeline import feature_encoders
-from fusionrec.evaluate import candidate, full_ranking, index_ratings
+from fusionrec.evaluate import candidate, full_ranking, index_ratings, ranking_candidates
+from fusionrec.models.baselines import CountModel
 from fusionrec.models.bundle import save_bundle
 from fusionrec.models.content import SideContent, build_side
-from fusionrec.models.nets import ModelConfig, Recommender, build_model
+from fusionrec.models.nets import NO_GRADIENT, ModelConfig, Recommender, build_model
 
 READ_BATCH = 4096  # rows fetched from Ray Data at a time
 OBJECTIVES = ("rating", "implicit")
@@ -95,6 +100,9 @@ class TrainConfig:
             raise ValueError("--epochs, --batch-size and --workers must be at least 1 and --lr positive")
         if self.id_l2 < 0:
             raise ValueError(f"id_l2 must be non-negative, got {self.id_l2}")
+        if self.model.model in NO_GRADIENT and self.objective != "implicit":
+            raise ValueError(f"{self.model.model} ranks items and predicts no ratings: train it with "
+                             "--objective implicit")
 
     @property
     def selection(self) -> Selection:
@@ -168,12 +176,16 @@ def prepare(cfg: TrainConfig, pixels: bool = False) -> Prepared:
     return Prepared(dataset, users, items, ratings, split, fingerprints)
 
 
-def _loss(model, users, items, ratings, objective: str, negatives: int, n_items: int) -> torch.Tensor:
+def _loss(model, users, items, ratings, objective: str, negatives: int, n_items: int | torch.Tensor) -> torch.Tensor:
+    """`n_items`: negatives are drawn from item rows 0..n_items-1, or from the rows in a tensor."""
     if objective == "rating":
         return torch.nn.functional.mse_loss(model(users, items), ratings)
     # implicit: every observed pair is a positive; `negatives` random items per positive are negatives
     neg_users = users.repeat_interleave(negatives)
-    neg_items = torch.randint(0, n_items, neg_users.shape)
+    if isinstance(n_items, torch.Tensor):
+        neg_items = n_items[torch.randint(0, len(n_items), neg_users.shape)]
+    else:
+        neg_items = torch.randint(0, n_items, neg_users.shape)
     scores = model(torch.cat([users, neg_users]), torch.cat([items, neg_items]))
     labels = torch.cat([torch.ones_like(users, dtype=torch.float32), torch.zeros_like(neg_users, dtype=torch.float32)])
     return torch.nn.functional.binary_cross_entropy_with_logits(scores, labels)
@@ -194,13 +206,15 @@ class LoopData:
     items: SideContent
     train: pd.DataFrame  # user_idx, item_idx, rating of the training part (left out when ranking for validation)
     validation: pd.DataFrame  # user_idx, item_idx, rating
+    validation_candidates: np.ndarray | None = None  # what validation ranks (None: every item; cold-items)
 
 
 def loop_data(users: SideContent, items: SideContent, ratings: pd.DataFrame, split: Split) -> LoopData:
     """The training and validation parts only: the test part never reaches a worker or a trial."""
     columns = ["user_idx", "item_idx", "rating"]
-    return LoopData(users, items, ratings.iloc[split.train][columns].reset_index(drop=True),
-                    ratings.iloc[split.validation][columns].reset_index(drop=True))
+    validation = ratings.iloc[split.validation][columns].reset_index(drop=True)
+    return LoopData(users, items, ratings.iloc[split.train][columns].reset_index(drop=True), validation,
+                    ranking_candidates(split, validation))
 
 
 def loop_config(cfg: TrainConfig, data: LoopData, threads: int) -> dict:
@@ -209,6 +223,14 @@ def loop_config(cfg: TrainConfig, data: LoopData, threads: int) -> dict:
     return {"model": asdict(cfg.model) | {"global_mean": train_mean}, "epochs": cfg.epochs,
             "batch_size": cfg.batch_size, "lr": cfg.lr, "id_l2": cfg.id_l2, "objective": cfg.objective,
             "negatives": cfg.negatives, "seed": cfg.seed, "threads": threads}
+
+
+def negative_pool(data: LoopData) -> int | torch.Tensor:
+    """What training draws negatives from: the items with training ratings. Items held out whole
+    (cold-start, cold-items) never appear as negatives, so their content is not learned as "not
+    liked" from the training loop (nor touched by it at all). Every item: the count, as before."""
+    trained = np.unique(data.train["item_idx"].to_numpy())
+    return data.items.n if len(trained) == data.items.n else torch.as_tensor(trained)
 
 
 def new_model(data: LoopData, model_config: dict) -> Recommender:
@@ -231,8 +253,15 @@ def validate(model: Recommender, data: LoopData, config: dict) -> dict[str, floa
         loss = float(_loss(model, u, i, r, config["objective"], config["negatives"], data.items.n))
     if config["objective"] == "rating":
         return {"val_loss": loss, "val_mse": loss}
-    ndcg = full_ranking(model, data.train, val, VALIDATION_K)[f"ndcg@{VALIDATION_K}"]
-    return {"val_loss": loss, SELECTION["implicit"].metric: ndcg}
+    return {"val_loss": loss, **validation_ranking(model, data)}
+
+
+@torch.no_grad()
+def validation_ranking(model: Recommender, data: LoopData) -> dict[str, float]:
+    """The implicit objective's selection metric: validation nDCG@10 ranking every item the user did
+    not rate in training (under cold-items, only the validation part's held-out items)."""
+    ranking = full_ranking(model, data.train, data.validation, VALIDATION_K, data.validation_candidates)
+    return {SELECTION["implicit"].metric: ranking[f"ndcg@{VALIDATION_K}"]}
 
 
 def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: LoopData, config: dict,
@@ -244,6 +273,7 @@ def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: L
     core = model.module if hasattr(model, "module") else model  # DDP wraps it
     selection = SELECTION[config["objective"]]
     start, best = 0, {"value": None, "epoch": -1, "state": None}
+    pool = negative_pool(data)
     if resume:
         core.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -252,7 +282,7 @@ def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: L
         model.train()
         total, count, started = 0.0, 0, time.perf_counter()
         for users_b, items_b, ratings_b in batches(epoch):
-            loss = _loss(model, users_b, items_b, ratings_b, config["objective"], config["negatives"], data.items.n)
+            loss = _loss(model, users_b, items_b, ratings_b, config["objective"], config["negatives"], pool)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -381,8 +411,10 @@ def fit(cfg: TrainConfig, prepared: Prepared, storage: Path,
 
     from fusionrec.ray_runtime import cpus_each, ensure_ray
 
-    ensure_ray()
     data = loop_data(prepared.users, prepared.items, prepared.ratings, prepared.split)
+    if cfg.model.model in NO_GRADIENT:
+        return fit_without_gradients(cfg, data, mlflow_target)
+    ensure_ray()
     cpus_per_worker = cpus_each(cfg.workers)
     config = loop_config(cfg, data, cpus_per_worker) | {"data": ray.put(data), "mlflow": mlflow_target}
     trainer = TorchTrainer(
@@ -407,6 +439,25 @@ def fit(cfg: TrainConfig, prepared: Prepared, storage: Path,
     model = new_model(data, config["model"])
     model.load_state_dict(saved["best"]["state"])  # includes the `seen` masks
     return model.eval(), saved
+
+
+def fit_without_gradients(cfg: TrainConfig, data: LoopData, mlflow_target: dict | None = None
+                          ) -> tuple[CountModel, dict]:
+    """A model without parameters (`nets.NO_GRADIENT`), fitted in one pass from the training ratings
+    and validated like an epoch (`fit`'s return shape, one "epoch" 0). No Ray Train: DDP refuses a
+    module without trainable parameters, Adam an empty parameter list, and there is no epoch to choose."""
+    model = new_model(data, loop_config(cfg, data, 1)["model"])
+    model.fit_ratings(data.train["user_idx"].to_numpy(), data.train["item_idx"].to_numpy())
+    model.eval()
+    metrics = {"epoch": 0, **validation_ranking(model, data)}
+    value = metrics[cfg.selection.metric]
+    if mlflow_target:
+        from mlflow import MlflowClient
+
+        MlflowClient(mlflow_target["uri"]).log_metric(mlflow_target["run_id"], f"epoch_{cfg.selection.metric}",
+                                                      value, step=0)
+    best = {"value": value, "epoch": 0, "state": model.state_dict()}
+    return model, {"best": best, "epoch": 0, "metrics": metrics}
 
 
 def loss_curve_png(history: dict[str, list[tuple[int, float]]], path: Path) -> None:
@@ -493,7 +544,8 @@ def train(cfg: TrainConfig, register: bool = False) -> TrainResult:
     with mlflow.start_run() as run:
         log_config(cfg, prepared)
         target = {"uri": registry.tracking_uri(), "run_id": run.info.run_id}
-        with EpochProgress(run.info.run_id, cfg.epochs):
+        trains = cfg.model.model not in NO_GRADIENT  # the others have no epochs to follow or loss to plot
+        with EpochProgress(run.info.run_id, cfg.epochs) if trains else contextlib.nullcontext():
             model, saved = fit(cfg, prepared, storage, target)
         best = saved["best"]
         metrics = score_test(model, cfg, prepared)
@@ -502,8 +554,9 @@ def train(cfg: TrainConfig, register: bool = False) -> TrainResult:
         history = {name: [(m.step, m.value) for m in MlflowClient().get_metric_history(run.info.run_id, name)]
                    for name in ("train_loss", "val_loss")}
         with tempfile.TemporaryDirectory() as folder:
-            loss_curve_png(history, Path(folder) / "loss_curve.png")
-            mlflow.log_artifact(str(Path(folder) / "loss_curve.png"))
+            if trains:
+                loss_curve_png(history, Path(folder) / "loss_curve.png")
+                mlflow.log_artifact(str(Path(folder) / "loss_curve.png"))
         model_uri = log_trained_model(model, cfg, prepared, run.info.run_id, metrics)
     result = TrainResult(metrics, run.info.run_id, best["epoch"], (cfg.selection.metric, best["value"]), model_uri)
     if register:

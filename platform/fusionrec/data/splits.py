@@ -6,6 +6,8 @@
 - `stratified_split`: per user, 75 % of the ratings to train and 25 % to test (the Microsoft
   Recommenders protocol), with a validation slice carved from each user's train part.
 - `cold_start_split`: whole users and whole items held out, so none of them is seen in training.
+- `cold_items_split`: whole items only (20 % to test, 10 % to validation, each with all its
+  ratings); users stay warm, and each test user ranks the held-out items.
 - `leave_one_out`: each user's latest rating is the test (the NCF protocol) and the second-latest
   the validation, with
   `sample_negatives` drawing the items a user never rated to rank it against.
@@ -23,11 +25,14 @@ EMPTY = np.empty(0, dtype=np.int64)
 
 @dataclass(frozen=True)
 class Split:
-    """Row positions (into the ratings table) of each part; parts are disjoint."""
+    """Row positions (into the ratings table) of each part; parts are disjoint. `ranks_held_out`:
+    the split holds out whole items, and full ranking over its validation or test part ranks only
+    that part's held-out items (`held_out_items`), not the whole catalogue (cold-items)."""
 
     train: np.ndarray
     validation: np.ndarray
     test: np.ndarray
+    ranks_held_out: bool = False
 
     @property
     def fitted(self) -> np.ndarray:
@@ -123,6 +128,35 @@ def cold_start_split(
     return Split(positions[~in_test & ~in_validation], positions[in_validation], positions[in_test])
 
 
+def cold_items_split(
+    ratings: pd.DataFrame,
+    item_col: str = "item_id",
+    validation: float = 0.1,
+    test: float = 0.2,
+    seed: int = 0,
+) -> Split:
+    """Hold out a seeded `test` fraction of the distinct items and, disjoint from them, a `validation`
+    fraction, each with every one of its ratings; the other items' ratings are the training part.
+    Validation is carved the same way as test (items, not ratings), so choosing an epoch or a model
+    on it is itself a cold-item problem, and test is never consulted for it. No held-out item has a
+    training rating; a user may have ratings in all three parts (users are not held out).
+    Full ranking over a part ranks only that part's held-out items (`Split.ranks_held_out`)."""
+    if min(validation, test) < 0 or validation + test >= 1:
+        raise ValueError("validation and test fractions must be non-negative and sum to below 1")
+    test_items, validation_items = _hold_out(ratings[item_col], validation, test, np.random.default_rng(seed))
+    items = ratings[item_col]
+    in_test = items.isin(test_items).to_numpy()
+    in_validation = items.isin(validation_items).to_numpy()
+    positions = np.arange(len(ratings))
+    return Split(positions[~in_test & ~in_validation], positions[in_validation], positions[in_test],
+                 ranks_held_out=True)
+
+
+def held_out_items(part: pd.DataFrame, item_col: str = "item_idx") -> np.ndarray:
+    """The items a part of a cold-items split holds out: every item with a rating in it (sorted)."""
+    return np.unique(part[item_col].to_numpy())
+
+
 def leave_one_out(
     ratings: pd.DataFrame, user_col: str = "user_id", time_col: str | None = "timestamp", seed: int = 0
 ) -> Split:
@@ -166,18 +200,20 @@ def sample_negatives(
     return negatives
 
 
-SPLITS = ("random", "stratified", "cold-start", "loo")
+SPLITS = ("random", "stratified", "cold-start", "cold-items", "loo")
 
 
 def split_by_name(ratings: pd.DataFrame, name: str, seed: int = 0) -> Split:
-    """The split a training run names: `random`, `stratified`, `cold-start` or `loo` (ratings need
-    user_id, item_id)."""
+    """The split a training run names: `random`, `stratified`, `cold-start`, `cold-items` or `loo`
+    (ratings need user_id, item_id)."""
     if name == "random":
         return random_split(len(ratings), seed=seed)
     if name == "stratified":
         return stratified_split(ratings, seed=seed)
     if name == "cold-start":
         return cold_start_split(ratings, seed=seed)
+    if name == "cold-items":
+        return cold_items_split(ratings, seed=seed)
     if name == "loo":
         return leave_one_out(ratings, time_col="timestamp" if "timestamp" in ratings else None, seed=seed)
     raise ValueError(f"unknown split {name!r}: choose one of {', '.join(SPLITS)}")

@@ -18,6 +18,7 @@ row indices (index n = the unknown user/item), `score_all(user)` ranks every ite
     dnn  : MLP over [structured ++ bag-of-words] of user and item, no IDs
     cnn  : per side a small CNN over the raw 32 px image and an embedding bag over the hashed words,
            trained end to end; MLP over both sides, no IDs
+    genre-pop, content-knn: cold-item ranking baselines without gradients (models/baselines.py)
 """
 
 from __future__ import annotations
@@ -39,7 +40,14 @@ MODELS = {
     "svd": "biased matrix factorisation (the 'SVD' baseline)",
     "dnn": "MLP over structured one-hots and bag-of-words text (no IDs)",
     "cnn": "small CNN over raw 32 px images + embedding bag over text, trained end to end (no IDs)",
+    "genre-pop": "ranking baseline: an item's training popularity; a cold item's, the mean of its genres' "
+                 "(categorical attributes, 0/1 flags) over training items (no gradients)",
+    "content-knn": "ranking baseline: mean of the top-k cosines between an item's text embedding and the "
+                   "user's training items' (no gradients)",
 }
+# Fitted in one pass from the training ratings, no parameters and no gradient steps (models/baselines.py);
+# they rank items and predict no ratings, so they train under the implicit objective only.
+NO_GRADIENT = ("genre-pop", "content-knn")
 
 
 @dataclass
@@ -62,6 +70,7 @@ class ModelConfig:
     standardise: bool = True
     content_dropout: float = 0.5
     global_mean: float = 0.0
+    neighbours: int = 20  # content-knn: the user's k most similar training items averaged (0: all of them)
 
     def check(self) -> None:
         if self.model not in MODELS:
@@ -80,6 +89,8 @@ class ModelConfig:
         if self.codebooks < 0 or self.codebook_size < 2:
             raise ValueError(f"codebooks must be >= 0 and codebook_size >= 2, got {self.codebooks} and "
                              f"{self.codebook_size}")
+        if self.neighbours < 0:
+            raise ValueError(f"neighbours must be non-negative (0: all), got {self.neighbours}")
 
 
 def mlp(widths: list[int], final_activation: bool = True) -> nn.Sequential:
@@ -403,4 +414,8 @@ def build_model(users: SideContent, items: SideContent, config: ModelConfig) -> 
         return BiasedMF(users, items, config)
     if config.model == "cnn":
         return ContentCNN(users, items, config)
+    if config.model in NO_GRADIENT:
+        from fusionrec.models.baselines import ContentKNN, GenrePopularity  # they build on Recommender
+
+        return (GenrePopularity if config.model == "genre-pop" else ContentKNN)(users, items, config)
     return ContentDNN(users, items, config)
