@@ -108,7 +108,7 @@ class Codebooks(nn.Module):
     Shared by users and items like the linear projection it replaces, so a user and an item whose
     content falls on the same code of a book meet in the GMF product. Tastes are often categorical
     (a favourite fabric, a colour, a genre): a softmax reads "which one" sharply, where a linear map
-    of the embedding mixes every level's direction into every product (README, Quality)."""
+    of the embedding mixes every level's direction into every product (docs/quality.md)."""
 
     def __init__(self, dim: int, hidden: list[int], books: int, size: int):
         super().__init__()
@@ -286,7 +286,7 @@ class FusionNeuMF(Recommender):
         if config.codebooks:
             # Codes start as matches: a user and an item on the same code of a book raise the score.
             # With the default init (small weights of either sign) the softmaxes got no consistent
-            # gradient to organise around, and the codes learned little (README, Quality).
+            # gradient to organise around, and the codes learned little (docs/quality.md).
             with torch.no_grad():
                 start = config.embedding_dim
                 self.out.weight[0, start:start + sum(self.user_tower.widths.values())] = 1.0
