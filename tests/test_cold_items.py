@@ -18,17 +18,9 @@ from fusionrec.models.bundle import load_bundle, save_bundle
 from fusionrec.models.content import build_side
 from fusionrec.models.nets import ModelConfig, build_model
 from fusionrec.train import TrainConfig
+from test_models import FixedScores  # the stand-in model of test_models.py (pytest puts tests/ on the path)
 
 runner = CliRunner()
-
-
-class FixedScores(torch.nn.Module):
-    def __init__(self, table):
-        super().__init__()
-        self.table = torch.tensor(table, dtype=torch.float32)
-
-    def score_all(self, user):
-        return self.table[user]
 
 
 def test_full_ranking_among_held_out_items_by_hand():
