@@ -317,7 +317,7 @@ def runs(
     were selected on, and their test metrics (with the Bayes floor where the dataset records one)."""
     from fusionrec.data.fingerprint import data_fingerprint
     from fusionrec.data.validate import load_dataset
-    from fusionrec.registry import training_runs
+    from fusionrec.registry import TAG, training_runs
 
     data = load_dataset(dataset, check_images=False)
     found = training_runs(data_fingerprint(data), last)
@@ -333,7 +333,7 @@ def runs(
         params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
         variant = params.get("model.variant", "full")
         model = params["model.model"] + (f" ({variant})" if params["model.model"] == "fusion" else "")
-        selection = tags.get("fusionrec.selection_metric", "")
+        selection = tags.get(f"{TAG}selection_metric", "")
         cells = [model, params.get("objective", ""), params.get("split", ""), params.get("seed", ""),
                  f"{selection} {metrics[selection]:.4f}" if selection in metrics else "–",
                  *(f"{metrics[c]:.4f}" if c in metrics else "–" for c in columns)]

@@ -63,14 +63,15 @@ def resolve_model(model: str, cache: Path) -> str:
     return model
 
 
-def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> str:
+def check_choice(what: str, value: str, choices: tuple[str, ...]) -> str:
+    """`value` if it is one of `choices`, else a one-line ValueError naming `what`."""
     if value not in choices:
         raise ValueError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
     return value
 
 
 def _check_pooling(pooling: str) -> str:
-    return _check_choice("pooling", pooling, POOLINGS)
+    return check_choice("pooling", pooling, POOLINGS)
 
 
 def sentences(text: str) -> list[str]:
@@ -95,8 +96,8 @@ class TextEncoder:
         from transformers import AutoModel, AutoTokenizer
 
         self.pooling = _check_pooling(pooling)
-        self.chunks = _check_choice("text chunks", chunks, TEXT_CHUNKS)
-        self.chunk_pooling = _check_choice("chunk pooling", chunk_pooling, CHUNK_POOLINGS)
+        self.chunks = check_choice("text chunks", chunks, TEXT_CHUNKS)
+        self.chunk_pooling = check_choice("chunk pooling", chunk_pooling, CHUNK_POOLINGS)
         self.tokenizer = load_pretrained(model, AutoTokenizer)
         self.model = load_pretrained(model, AutoModel).eval().to(device)
         self.device, self.max_length = device, max_length

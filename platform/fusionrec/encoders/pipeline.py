@@ -5,10 +5,10 @@
 One table per side (users, items) and kind (text, image): `id`, `content_hash` (sha256 of the
 text or of the image file), `embedding` (float32[dim]), `mask` (1 = encoded, 0 = no content),
 with the encoder's name, model, dim and pooling (and, for text, how it was chunked) in the Parquet
-metadata. Missing text or images
-become a zero vector with mask 0. Incremental: a row whose hash (and encoder) is unchanged keeps
-its embedding; only new or changed rows go through Ray. The tables are written as one set, the
-tables of the dataset's current text and image columns and no others (see _write_set).
+metadata. Missing text or images become a zero vector with mask 0. Incremental: a row whose hash
+(and encoder) is unchanged keeps its embedding; only new or changed rows go through Ray. The
+tables are written as one set, the tables of the dataset's current text and image columns and no
+others (see _write_set).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from fusionrec.encoders.base import (
     TEXT_CHUNKS,
     ImageEncoder,
     TextEncoder,
+    check_choice,
     load_pretrained,
     resolve_model,
 )
@@ -62,12 +63,9 @@ class EncodeConfig:
     def check(self) -> None:
         if self.batch_size < 1 or self.actors < 1 or self.gpus_per_actor < 0:
             raise ValueError("--batch-size and --actors must be at least 1, --gpus-per-actor at least 0")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
-        if self.text_chunks not in TEXT_CHUNKS:
-            raise ValueError(f"--text-chunks must be one of {', '.join(TEXT_CHUNKS)}, got {self.text_chunks!r}")
-        if self.chunk_pooling not in CHUNK_POOLINGS:
-            raise ValueError(f"--chunk-pooling must be one of {', '.join(CHUNK_POOLINGS)}, got {self.chunk_pooling!r}")
+        check_choice("pooling", self.pooling, POOLINGS)
+        check_choice("--text-chunks", self.text_chunks, TEXT_CHUNKS)
+        check_choice("--chunk-pooling", self.chunk_pooling, CHUNK_POOLINGS)
         if self.image_size is not None and not 14 <= self.image_size <= 1024:
             raise ValueError(f"--image-size must be between 14 and 1024 pixels, got {self.image_size}")
 
