@@ -277,3 +277,22 @@ def test_codebooks_are_shared_soft_assignments_that_start_as_matches():
         assert torch.allclose(model.score_all(user), model(torch.full((5,), user), torch.arange(5)), atol=1e-5)
     with pytest.raises(ValueError, match="codebook_size >= 2"):
         ModelConfig(codebooks=2, codebook_size=1).check()
+
+
+def test_id_dropout_follows_how_often_an_id_was_seen_in_training():
+    users, items = sides(n_users=6)
+    model = build_model(users, items, ModelConfig(id_dropout=0.2, content_dropout=0.0)).train()
+    # user 0 rated 8 items, users 1-3 two each (the median of the rated), user 4 one, user 5 none
+    model.mark_seen(np.array([0] * 8 + [1, 1, 2, 2, 3, 3, 4]), np.zeros(15, dtype=int))
+    rate = model.user_tower.id_dropout_rate
+    assert torch.allclose(rate, torch.tensor([0.05, 0.2, 0.2, 0.2, 0.4, 0.0, 0.0]))  # last: the unknown row
+    # the rates are what forward draws with: user 0 keeps its id ~95 % of the time, user 4 ~60 %
+    kept = [(model.user_tower(model.users.gather(torch.full((4000,), u)))[0][:, :32]
+             == model.user_tower.ids.weight[u]).all(1).float().mean().item() for u in (0, 4)]
+    assert abs(kept[0] - 0.95) < 0.02 and abs(kept[1] - 0.6) < 0.03
+    rare = build_model(users, items, ModelConfig(id_dropout=0.2))
+    rare.mark_seen(np.array([0] * 40 + [1] * 20 + [2]), np.zeros(61, dtype=int))  # median 20: user 2 capped
+    assert rare.user_tower.id_dropout_rate[2].item() == pytest.approx(0.5)
+    flat = build_model(users, items, ModelConfig(id_dropout=0.2, id_dropout_by_count=False))
+    flat.mark_seen(np.array([0] * 8 + [1, 1, 2, 2, 3, 3, 4]), np.zeros(15, dtype=int))
+    assert torch.allclose(flat.user_tower.id_dropout_rate, torch.full((7,), 0.2))

@@ -286,7 +286,7 @@ def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: L
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(users_b)
+            total += loss.item() * len(users_b)
             count += len(users_b)
         elapsed = time.perf_counter() - started
         core.eval()

@@ -4,7 +4,8 @@ row indices (index n = the unknown user/item), `score_all(user)` ranks every ite
 
     FusionNeuMF (the paper's model), per side:
         p   = id embedding (shared by both branches; randomly swapped for the unknown row in
-              training with probability id_dropout, so unseen users/items score from content)
+              training, so unseen users/items score from content: with probability id_dropout,
+              or with `id_dropout_by_count` id_dropout x median count / the id's count, capped)
         b   = id bias
         t, v = text and image CLS embeddings (z-scored, / sqrt(width)), each through a projection
               that users and items share: the fusion layer, per modality (linear, or with
@@ -48,6 +49,7 @@ MODELS = {
 # Fitted in one pass from the training ratings, no parameters and no gradient steps (models/baselines.py);
 # they rank items and predict no ratings, so they train under the implicit objective only.
 NO_GRADIENT = ("genre-pop", "content-knn")
+ID_DROPOUT_CAP = 0.5
 
 
 @dataclass
@@ -63,6 +65,10 @@ class ModelConfig:
     codebooks: int = 3
     codebook_size: int = 8
     id_dropout: float = 0.2
+    # `id_dropout_by_count`: each id is dropped at id_dropout x (the side's median number of training
+    # ratings / its own), at most ID_DROPOUT_CAP: a well-observed id leans on its embedding, a rarely
+    # seen one learns to score from content (on MovieLens a flat 0.2 cost the ranking: docs/quality.md).
+    id_dropout_by_count: bool = True
     # `standardise`: text/image embeddings z-scored per dimension with the mean and std of the
     # side's content (the known users or items that have the text/image; missing ones stay zero)
     # and divided by sqrt(width) before the shared projections (see SideTower).
@@ -208,6 +214,9 @@ class SideTower(nn.Module):
         v = config.variant
         self.unknown = bank.n
         self.id_dropout = config.id_dropout
+        self.id_dropout_by_count = config.id_dropout_by_count
+        # Per-id rates, set from the training counts by set_id_dropout; not saved (training only).
+        self.register_buffer("id_dropout_rate", torch.full((bank.n + 1,), config.id_dropout), persistent=False)
         self.ids = nn.Embedding(bank.n + 1, config.embedding_dim)
         self.bias = nn.Embedding(bank.n + 1, 1)
         nn.init.normal_(self.ids.weight, std=0.01)
@@ -231,7 +240,7 @@ class SideTower(nn.Module):
         """(vector, bias) for a batch of one side: vector = [id ++ text ++ image ++ structured]."""
         ids = side["ids"]
         if self.training and self.id_dropout > 0:
-            ids = torch.where(torch.rand(ids.shape, device=ids.device) < self.id_dropout, self.unknown, ids)
+            ids = torch.where(torch.rand(ids.shape, device=ids.device) < self.id_dropout_rate[ids], self.unknown, ids)
         parts = [self.ids(ids)]  # [batch, embedding_dim]
         for name, projection in self.media.items():  # [batch, content_dim] each; zeros if this side has none
             parts.append(projection(self._embedding(side, name)) if name in self.own_media
@@ -239,6 +248,15 @@ class SideTower(nn.Module):
         if self.structured is not None:
             parts.append(self.structured(side["structured"]))
         return torch.cat(parts, dim=1), self.bias(ids).squeeze(-1)  # [batch, out_dim], [batch]
+
+    def set_id_dropout(self, idx: np.ndarray) -> None:
+        """Per-id dropout rates from the training rows `idx` (one per rating; see ModelConfig)."""
+        if not self.id_dropout_by_count:
+            return
+        counts = torch.as_tensor(np.bincount(idx, minlength=self.unknown + 1), dtype=torch.float32)
+        median = counts[counts > 0].median() if (counts > 0).any() else torch.tensor(1.0)
+        rate = (self.id_dropout * median / counts.clamp(min=1)).clamp(max=max(self.id_dropout, ID_DROPOUT_CAP))
+        self.id_dropout_rate.copy_(torch.where(counts > 0, rate, 0.0))
 
     def _embedding(self, side: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         x = side[name]
@@ -293,6 +311,11 @@ class FusionNeuMF(Recommender):
 
         self.content_dropout = nn.Dropout(config.content_dropout)
         self._items_cache: tuple[torch.Tensor, ...] | None = None
+
+    def mark_seen(self, users: np.ndarray, items: np.ndarray) -> None:
+        super().mark_seen(users, items)
+        self.user_tower.set_id_dropout(np.asarray(users))
+        self.item_tower.set_id_dropout(np.asarray(items))
 
     def _drop_content(self, vector: torch.Tensor) -> torch.Tensor:
         """The MLP branch's view of a side: content entries dropped out in training. The MLP, not
