@@ -425,7 +425,8 @@ def tune(
     space: Annotated[Path, typer.Option(help="Search space (YAML), e.g. tune/widths.yaml.")],
     features: Annotated[Path | None, typer.Option(help="Feature tables from `fusionrec encode`.")] = None,
     trials: Annotated[int, typer.Option(help="Configurations to try.")] = 20,
-    epochs: Annotated[int, typer.Option(help="Most epochs a trial trains (ASHA stops weak ones sooner).")] = 15,
+    epochs: Annotated[int, typer.Option(help="Most epochs a trial trains, as `fusionrec train` (ASHA stops weak "
+                                             "ones sooner).")] = 30,
     max_concurrent: Annotated[int | None, typer.Option(help="Trials at once (default: cluster CPUs / CPUs per "
                                                             "trial).")] = None,
     cpus_per_trial: Annotated[float, typer.Option(help="CPUs each trial holds.")] = 1.0,

@@ -357,7 +357,7 @@ def _leaderboard(grid, metric: str, mode: str, epochs: int) -> pd.DataFrame:
     return board.iloc[key.argsort(kind="stable")[::1 if mode == "min" else -1]].reset_index(drop=True)
 
 
-def search(dataset: str, features: str | None, space_path: Path, trials: int = 20, epochs: int = 15,
+def search(dataset: str, features: str | None, space_path: Path, trials: int = 20, epochs: int = 30,
            max_concurrent: int | None = None, cpus_per_trial: float = 1, seed: int = 0, split: str = "random",
            objective: str | None = None, search_alg: str = "tpe", early_stopping: bool = True,
            register: bool = False, resume: bool = False, progress: bool = True,
