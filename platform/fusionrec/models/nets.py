@@ -66,8 +66,9 @@ class ModelConfig:
     codebook_size: int = 8
     id_dropout: float = 0.2
     # `id_dropout_by_count`: each id is dropped at id_dropout x (the side's median number of training
-    # ratings / its own), at most ID_DROPOUT_CAP: a well-observed id leans on its embedding, a rarely
-    # seen one learns to score from content (on MovieLens a flat 0.2 cost the ranking: docs/quality.md).
+    # ratings / its own), at most ID_DROPOUT_CAP (or id_dropout if higher): a well-observed id leans on
+    # its embedding, a rarely seen one learns to score from content (on MovieLens a flat 0.2 cost the
+    # ranking: docs/quality.md).
     id_dropout_by_count: bool = True
     # `standardise`: text/image embeddings z-scored per dimension with the mean and std of the
     # side's content (the known users or items that have the text/image; missing ones stay zero)
