@@ -315,8 +315,8 @@ class FusionNeuMF(Recommender):
 
     def mark_seen(self, users: np.ndarray, items: np.ndarray) -> None:
         super().mark_seen(users, items)
-        self.user_tower.set_id_dropout(np.asarray(users))
-        self.item_tower.set_id_dropout(np.asarray(items))
+        self.user_tower.set_id_dropout(users)
+        self.item_tower.set_id_dropout(items)
 
     def _drop_content(self, vector: torch.Tensor) -> torch.Tensor:
         """The MLP branch's view of a side: content entries dropped out in training. The MLP, not
