@@ -3,7 +3,10 @@ MLflow) over several seeds, reported as mean +- std, next to the dataset's Bayes
 
     .venv/bin/python benchmarks/quality.py DATASET --features FEATURES [--split random] [--seeds 0,1,2]
         [--objective rating|implicit] [--protocol candidate|full] [--k 5] [--epochs 30] [--lr 0.005]
-        [--id-l2 L2]
+        [--id-l2 L2] [--config FILE]
+
+`--config FILE`: the settings of `fusionrec train --config` (e.g. the best.yaml of `fusionrec tune`)
+as the base of every row; a row sets the model and variant, the options given here win.
 
 Protocol `candidate` (default): test MSE, Precision@K and NDCG@K over each user's test items (the
 paper's). Protocol `full`: each trained model is reloaded from MLflow and every test user ranks all
@@ -17,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import typer
+import yaml
 
 from fusionrec.data.schema import load_spec
-from fusionrec.models.nets import ModelConfig
-from fusionrec.train import TrainConfig, train
+from fusionrec.train import TrainConfig, load_config, train
 
 ROWS = ["fusion:full", "neumf", "svd", "fusion:no_image", "fusion:no_text", "fusion:no_structured", "dnn"]
 
@@ -41,27 +44,41 @@ def _metrics(result, dataset: str, protocol: str, k: int) -> dict:
     return {"rmse": result.metrics["rmse"], **evaluate_bundle(Path(dataset), download(result.model_uri), "full", k)}
 
 
-def main(dataset: str, features: str = typer.Option(None), split: str = "random", seeds: str = "0,1,2",
-         rows: str = ",".join(ROWS), objective: str = "rating", protocol: str = "candidate", k: int = 5,
-         epochs: int = 30, lr: float = 5e-3, id_l2: float = typer.Option(None)) -> None:
+def _base(dataset: str, config: str | None, options: dict) -> dict:
+    """Training settings shared by every row: the defaults, the config file's, then the options given."""
+    base = TrainConfig(dataset=dataset).to_dict() | {"id_l2": None}  # None: the objective's default
+    if config:
+        load_config(Path(config))  # a bad file fails here, in one line
+        stated = yaml.safe_load(Path(config).read_text())
+        base |= stated | {"model": base["model"] | stated.get("model", {})}
+    return base | {"dataset": dataset} | {key: value for key, value in options.items() if value is not None}
+
+
+def main(dataset: str, features: str = typer.Option(None), split: str = typer.Option(None), seeds: str = "0,1,2",
+         rows: str = ",".join(ROWS), objective: str = typer.Option(None), protocol: str = "candidate",
+         k: int = typer.Option(None), epochs: int = typer.Option(None), lr: float = typer.Option(None),
+         id_l2: float = typer.Option(None), config: str = typer.Option(None)) -> None:
     if protocol not in ("candidate", "full"):
         raise typer.BadParameter(f"--protocol must be candidate or full, got {protocol!r}")
+    base = _base(dataset, config, {"features": features, "split": split, "objective": objective, "k": k,
+                                   "epochs": epochs, "lr": lr, "id_l2": id_l2})
+    objective, k = base["objective"], base["k"]
     floor = load_spec(dataset).truth.get("bayes_mse") if protocol == "candidate" else None
     columns = _columns(protocol, objective, k)
-    print(f"{dataset}, split {split}, objective {objective}, protocol {protocol}, {epochs} epochs, lr {lr}, "
-          f"id l2 {id_l2 if id_l2 is not None else 'default'}, seeds {seeds}"
-          + (f", Bayes floor {floor:.4f}" if floor else ""))
+    print(f"{dataset}, split {base['split']}, objective {objective}, protocol {protocol}, {base['epochs']} epochs, "
+          f"lr {base['lr']}, id l2 {base['id_l2'] if base['id_l2'] is not None else 'default'}, seeds {seeds}"
+          + (f", config {config}" if config else "") + (f", Bayes floor {floor:.4f}" if floor else ""))
     print("| model | " + " | ".join(columns) + " |" + (" MSE / floor |" if floor else ""))
     print("|---|" + "---|" * len(columns) + ("---|" if floor else ""))
     for row in rows.split(","):
         name, _, variant = row.partition(":")
         results = []
         for seed in seeds.split(","):
-            result = train(TrainConfig(dataset=dataset, features=features, split=split, seed=int(seed), k=k,
-                                       objective=objective, epochs=epochs, lr=lr, id_l2=id_l2,
-                                       model=ModelConfig(model=name, variant=variant or "full")))
+            model = base["model"] | {"model": name, "variant": variant or "full"}
+            result = train(TrainConfig.from_dict(base | {"seed": int(seed), "model": model}))
             results.append(_metrics(result, dataset, protocol, k))
-            print(f"  {row} seed {seed}: best epoch {result.best_epoch}, "
+            print(f"  {row} seed {seed}: best epoch {result.best_epoch} ({result.selection[0]} "
+                  f"{result.selection[1]:.4f}), "
                   + ", ".join(f"{c} {results[-1][c]:.4f}" for c in columns), flush=True)
         cell = {key: (np.mean([r[key] for r in results]), np.std([r[key] for r in results])) for key in columns}
         line = f"| {row} | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in cell.values()) + " |"

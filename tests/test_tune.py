@@ -30,6 +30,15 @@ def test_shipped_spaces_load(name):
     assert space.search and set(space.param_space()) == set(space.search)
 
 
+@pytest.mark.parametrize("name", ["ml100k-fusion", "ml100k-neumf-tuned"])
+def test_shipped_benchmark_configs_load_as_training_settings(name):
+    from fusionrec.train import load_config
+
+    cfg = load_config(f"benchmarks/configs/{name}.yaml")
+    cfg.check()
+    assert (cfg.objective, cfg.split) == ("implicit", "stratified")  # Microsoft Recommenders' protocol
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"serach": {}}, "unknown key 'serach'"),
     ({"search": {"model.widths": {"choice": [[8]]}}}, "unknown setting 'model.widths'"),
