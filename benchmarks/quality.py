@@ -77,8 +77,8 @@ def main(dataset: str, features: str = typer.Option(None), split: str = typer.Op
             model = base["model"] | {"model": name, "variant": variant or "full"}
             result = train(TrainConfig.from_dict(base | {"seed": int(seed), "model": model}))
             results.append(_metrics(result, dataset, protocol, k))
-            print(f"  {row} seed {seed}: best epoch {result.best_epoch} ({result.selection[0]} "
-                  f"{result.selection[1]:.4f}), "
+            metric, value = result.selection
+            print(f"  {row} seed {seed}: best epoch {result.best_epoch} ({metric} {value:.4f}), "
                   + ", ".join(f"{c} {results[-1][c]:.4f}" for c in columns), flush=True)
         cell = {key: (np.mean([r[key] for r in results]), np.std([r[key] for r in results])) for key in columns}
         line = f"| {row} | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in cell.values()) + " |"
