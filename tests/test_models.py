@@ -296,3 +296,25 @@ def test_id_dropout_follows_how_often_an_id_was_seen_in_training():
     flat = build_model(users, items, ModelConfig(id_dropout=0.2, id_dropout_by_count=False))
     flat.mark_seen(np.array([0] * 8 + [1, 1, 2, 2, 3, 3, 4]), np.zeros(15, dtype=int))
     assert torch.allclose(flat.user_tower.id_dropout_rate, torch.full((7,), 0.2))
+
+
+def test_weight_average_warms_up_then_decays_and_is_what_validation_sees():
+    from fusionrec.train import WeightAverage
+
+    layer = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(0.0)
+    averaged = WeightAverage(layer, decay=0.2)
+    expected = 0.0
+    for step, value in enumerate([1.0, 2.0, 3.0, 4.0], start=1):
+        with torch.no_grad():
+            layer.weight.fill_(value)
+        averaged.update()
+        expected += (1 - min(0.2, (1 + step) / (10 + step))) * (value - expected)  # warm-up at step 1 only
+    with averaged.applied():
+        assert layer.weight.item() == pytest.approx(expected) != 4.0
+    assert layer.weight.item() == 4.0  # the trained weights are back after validation
+    resumed = WeightAverage(layer, decay=0.2)
+    resumed.load_state_dict(averaged.state_dict())
+    with resumed.applied():
+        assert resumed.steps == 4 and layer.weight.item() == pytest.approx(expected)

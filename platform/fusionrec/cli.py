@@ -267,6 +267,8 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed for the split and the initialisation.")] = 0,
     id_l2: Annotated[float | None, typer.Option(help="Weight decay on the id embeddings (default: 3e-2 for "
                                                      "rating, 1e-4 for implicit).")] = None,
+    ema_decay: Annotated[float, typer.Option(help="Decay of the moving average of the weights that is validated "
+                                                  "and kept (0: the weights as trained).")] = 0.998,
     register: Annotated[bool, typer.Option(help="Register in MLflow; champion moves only over a champion of the "
                                                 "same data, split and objective that it beats on validation.")]
     = False,
@@ -278,7 +280,7 @@ def train(
 
     flags = {"dataset": str(dataset) if dataset else None, "features": str(features) if features else None,
              "epochs": epochs, "batch_size": batch_size, "lr": lr, "objective": objective, "workers": workers,
-             "split": split, "seed": seed, "id_l2": id_l2}
+             "split": split, "seed": seed, "id_l2": id_l2, "ema_decay": ema_decay}
     model_flags = {"model": model, "variant": variant, "mlp": _widths(mlp), "codebooks": codebooks}
     if config is None:
         settings = {**flags, "model": model_flags}
