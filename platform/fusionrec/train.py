@@ -50,7 +50,7 @@ OBJECTIVES = ("rating", "implicit")
 ID_L2 = {"rating": 3e-2, "implicit": 1e-4}
 VALIDATION_K = 10  # implicit feedback is selected on nDCG at this cut-off
 # What is validated and kept is an exponential moving average of the weights (WeightAverage), not
-# the last step's: on the 10 % shop it cut test MSE on every start tried (docs/quality.md).
+# the last step's: on the 10 % shop it lowered validation MSE on every start tried (docs/quality.md).
 EMA_DECAY = 0.998
 
 
