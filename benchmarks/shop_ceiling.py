@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 import typer
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.model_selection import cross_val_predict
@@ -28,15 +29,18 @@ from sklearn.model_selection import cross_val_predict
 from fusionrec.data.schema import load_spec
 from fusionrec.data.synth import IMAGE_FACTORS, TEXT_FACTORS, SynthConfig, draw_entities, entity_ids
 from fusionrec.encoders.pipeline import embedding_matrix, feature_path, read_features
+from fusionrec.models.nets import set_mean
 from fusionrec.train import TrainConfig, prepare
 
 
 def _embeddings(features: str, side: str, kind: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The z-scored embeddings in generator order, and which entities have the text/image."""
-    frame, _ = read_features(feature_path(features, side, kind))
+    """The z-scored embeddings in generator order, and which entities have the text/image. A
+    sentence set is read as the mean of its vectors (what `--chunk-pooling mean` stores)."""
+    frame, meta = read_features(feature_path(features, side, kind))
     position = {i: k for k, i in enumerate(frame["id"])}
     rows = [position[i] for i in ids]
-    x, present = embedding_matrix(frame)[rows], frame["mask"].to_numpy()[rows] > 0
+    x = set_mean(torch.from_numpy(embedding_matrix(frame)), meta.get("set_size", 1)).numpy()[rows]
+    present = frame["mask"].to_numpy()[rows] > 0
     return (x - x[present].mean(0)) / (x[present].std(0) + 1e-6), present
 
 

@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 from fusionrec.cli import app
 from fusionrec.data.problems import DataError
 from fusionrec.data.validate import load_dataset
+from fusionrec.encoders.base import SET_SIZE
 from fusionrec.encoders.pipeline import EncodeConfig, embedding_matrix, encode_dataset, feature_path, read_features
+from fusionrec.models.content import build_side
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 runner = CliRunner()
@@ -80,14 +82,19 @@ def test_incremental_reencodes_exactly_the_changed_row(shop, tiny_models, tmp_pa
     assert changed.tolist() == [k == 5 for k in range(40)]
 
 
-@pytest.mark.parametrize("change", [{"pooling": "mean"}, {"text_chunks": "none"}])
+@pytest.mark.parametrize("change", [{"pooling": "mean"}, {"text_chunks": "none"}, {"chunk_pooling": "set"}])
 def test_changing_the_encoder_reencodes_everything(shop, tiny_models, tmp_path, change):
     out = tmp_path / "features"
     encode_dataset(load_dataset(shop), out, config(tiny_models, tmp_path))
     reports = encode_dataset(load_dataset(shop), out, config(tiny_models, tmp_path, **change))
     assert reports[0].encoded == 60 and reports[1].encoded == 40
-    _, meta = read_features(feature_path(out, "users", "text"))
-    assert meta["chunks"] == change.get("text_chunks", "sentence") and meta["chunk_pooling"] == "mean"
+    frame, meta = read_features(feature_path(out, "users", "text"))
+    assert meta["chunks"] == change.get("text_chunks", "sentence")
+    assert meta["chunk_pooling"] == change.get("chunk_pooling", "mean")
+    size = SET_SIZE if change.get("chunk_pooling") == "set" else 1
+    assert meta.get("set_size", 1) == size and embedding_matrix(frame).shape == (60, 32 * size) == (60, meta["dim"])
+    dataset = load_dataset(shop)
+    assert build_side(dataset.users, dataset.spec.users, "users", out).text_set == size  # what the model reads
 
 
 def test_undecodable_image_is_skipped_or_fatal_with_strict(shop, tiny_models, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from fusionrec.encoders import prepare
-from fusionrec.encoders.base import ImageEncoder, TextEncoder, resolve_model, sentences
+from fusionrec.encoders.base import SET_SIZE, ImageEncoder, TextEncoder, resolve_model, sentences
 
 TEXTS = ["a silk dress for weddings", "sturdy denim for travel", "a silk dress for weddings"]
 
@@ -57,6 +57,23 @@ def test_sentence_chunks_encode_each_sentence_then_pool(tiny_models, chunk_pooli
     assert np.allclose(chunked.encode(texts[1:]), out[1:], atol=1e-5)  # independent of the other texts in a batch
 
 
+def test_sentence_sets_keep_each_sentence_vector_in_order(tiny_models):
+    whole = TextEncoder(str(tiny_models["bert"]), pooling="mean")
+    kept = TextEncoder(str(tiny_models["bert"]), pooling="mean", chunks="sentence", chunk_pooling="set")
+    assert kept.dim == SET_SIZE * 32
+    long = " ".join(f"Sentence number {k}." for k in range(SET_SIZE + 2))
+    texts = ["I love silk. My style is romantic. I shop for weddings.", long]
+    out = kept.encode(texts).reshape(2, SET_SIZE, 32)
+    parts = whole.encode(sentences(texts[0]))  # [3, 32]
+    assert np.allclose(out[0, :3], parts, atol=1e-5) and not out[0, 3:].any()  # in order, zero-padded
+    parts = whole.encode(sentences(long))  # [SET_SIZE + 2, 32]: the last three share the last slot
+    assert np.allclose(out[1, :-1], parts[:SET_SIZE - 1], atol=1e-5)
+    assert np.allclose(out[1, -1], parts[SET_SIZE - 1:].mean(0), atol=1e-5)
+    # a text read whole has no sentences to keep: one vector, as with any chunk pooling
+    assert np.allclose(TextEncoder(str(tiny_models["bert"]), pooling="mean", chunk_pooling="set").encode(texts),
+                       whole.encode(texts), atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["vit", "dinov2"])
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_image_encoders(tiny_models, kind, pooling):
@@ -81,7 +98,7 @@ def test_bad_pooling_and_unknown_model(tiny_models, tmp_path, monkeypatch):
         TextEncoder(str(tiny_models["bert"]), pooling="max")
     with pytest.raises(ValueError, match="text chunks must be one of none, sentence, got 'word'"):
         TextEncoder(str(tiny_models["bert"]), chunks="word")
-    with pytest.raises(ValueError, match="chunk pooling must be one of mean, max, got 'cls'"):
+    with pytest.raises(ValueError, match="chunk pooling must be one of mean, max, set, got 'cls'"):
         TextEncoder(str(tiny_models["bert"]), chunks="sentence", chunk_pooling="cls")
     with pytest.raises(FileNotFoundError, match="cannot load model"):
         TextEncoder(str(tmp_path / "nothing-here"))
@@ -92,16 +109,17 @@ def test_bad_pooling_and_unknown_model(tiny_models, tmp_path, monkeypatch):
         resolve_model("dinov2-vits14", tmp_path)
 
 
-def test_the_service_encodes_a_new_user_as_the_feature_table_was_encoded(tiny_models, tmp_path):
+@pytest.mark.parametrize("chunk_pooling", ["max", "set"])
+def test_the_service_encodes_a_new_user_as_the_feature_table_was_encoded(tiny_models, tmp_path, chunk_pooling):
     from fusionrec.serve.encoding import PayloadEncoder
 
     text = "I love silk. My style is romantic. I shop for weddings."
     spec = {"encoder": "tiny-bert", "model": str(tiny_models["bert"]), "kind": "text", "pooling": "mean",
-            "chunks": "sentence", "chunk_pooling": "max"}  # the metadata `fusionrec encode` records
+            "chunks": "sentence", "chunk_pooling": chunk_pooling}  # the metadata `fusionrec encode` records
     service = PayloadEncoder(cache=tmp_path)
     served = service.encode({"text": spec}, text, None)["text"]
-    chunked = TextEncoder(str(tiny_models["bert"]), pooling="mean", chunks="sentence", chunk_pooling="max")
-    assert np.allclose(served, chunked.encode([text])[0], atol=1e-5)
+    chunked = TextEncoder(str(tiny_models["bert"]), pooling="mean", chunks="sentence", chunk_pooling=chunk_pooling)
+    assert served.shape == (chunked.dim,) and np.allclose(served, chunked.encode([text])[0], atol=1e-5)
     # a table written before chunking existed records no chunks: its texts were read whole
     older = {k: v for k, v in spec.items() if k not in ("chunks", "chunk_pooling")}
     whole = TextEncoder(str(tiny_models["bert"]), pooling="mean").encode([text])[0]

@@ -11,7 +11,16 @@ from fusionrec.data.schema import TableSpec
 from fusionrec.evaluate import full_ranking
 from fusionrec.models.bundle import load_bundle, save_bundle
 from fusionrec.models.content import StructuredEncoder, bag_of_words, build_side
-from fusionrec.models.nets import MODELS, NO_GRADIENT, VARIANTS, ModelConfig, build_model
+from fusionrec.models.nets import (
+    MODELS,
+    NO_GRADIENT,
+    VARIANTS,
+    Codebooks,
+    ModelConfig,
+    SetPooling,
+    build_model,
+    set_mean,
+)
 
 
 def sides(n_users=6, n_items=5):
@@ -277,6 +286,97 @@ def test_codebooks_are_shared_soft_assignments_that_start_as_matches():
         assert torch.allclose(model.score_all(user), model(torch.full((5,), user), torch.arange(5)), atol=1e-5)
     with pytest.raises(ValueError, match="codebook_size >= 2"):
         ModelConfig(codebooks=2, codebook_size=1).check()
+
+
+def with_sentence_sets(side, size=3, seed=1):
+    """`side` with its texts as sets of `size` 8-d sentence vectors: row k keeps 1 + k % size of
+    them (the rest zero padding); the unknown row stays all zeros."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(side.n + 1, size, 8)).astype(np.float32)
+    vectors[np.arange(size)[None, :] > (np.arange(side.n + 1) % size)[:, None]] = 0.0
+    vectors[-1] = 0.0
+    side.text, side.text_set = vectors.reshape(side.n + 1, size * 8), size
+    return side
+
+
+def test_set_pooling_starts_as_the_mean_of_the_present_vectors_and_padding_is_safe():
+    users = with_sentence_sets(sides()[0])
+    sets = torch.from_numpy(users.text).view(-1, 3, 8)
+    pooled = SetPooling(8, heads=2)(sets)  # [7, 2, 8]
+    mean = set_mean(torch.from_numpy(users.text), 3)
+    assert torch.allclose(pooled, mean[:, None].expand(-1, 2, -1), atol=1e-6)  # padding is not averaged in
+    assert not pooled[-1].any()  # a row with no vectors (the unknown row) pools to zeros
+    assert torch.allclose(mean[1], sets[1, :2].mean(0)) and torch.equal(mean[0], sets[0, 0])
+    pooled.sum().backward()  # the all-padding row gives finite gradients, not NaN
+    pool = SetPooling(8, heads=2)
+    pool(sets).pow(2).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in pool.parameters())
+
+
+def test_set_pooling_learns_to_read_the_sentence_that_carries_the_signal():
+    # Each set: 4 vectors; the one whose first entry is +3 carries the target (a fixed direction of
+    # its other entries); the rest are noise with first entry -3. The mean blurs the signal by 4x.
+    torch.manual_seed(0)
+    sets = torch.randn(512, 4, 8)
+    sets[:, :, 0] = -3.0
+    which = torch.randint(0, 4, (512,))
+    sets[torch.arange(512), which, 0] = 3.0
+    target = sets[torch.arange(512), which, 1:] @ torch.linspace(-1, 1, 7)
+    pool, head = SetPooling(8, heads=1), torch.nn.Linear(8, 1)
+    optimiser = torch.optim.Adam([*pool.parameters(), *head.parameters()], lr=0.05)
+    for _ in range(300):
+        optimiser.zero_grad()
+        loss = torch.nn.functional.mse_loss(head(pool(sets)[:, 0]).squeeze(-1), target)
+        loss.backward()
+        optimiser.step()
+    weights = torch.softmax(pool.scores(sets * pool.input_scale), dim=1)[..., 0]  # [512, 4]
+    assert weights[torch.arange(512), which].mean() > 0.9  # it attends to the carrying vector
+    assert loss < 0.01 * target.var()
+
+
+def test_each_codebook_reads_its_own_attention_head():
+    books = Codebooks(8, [], books=3, size=4)
+    heads = torch.randn(5, 3, 8)  # SetPooling's output: one pooled vector per book
+    each = torch.stack([books(heads[:, b]).view(5, 3, 4)[:, b] for b in range(3)], dim=1)  # book b of head b
+    assert torch.allclose(books(heads), each.flatten(1), atol=1e-6)
+
+
+@pytest.mark.parametrize("codebooks", [3, 0])
+def test_a_model_over_sentence_sets_scores_serves_and_saves(tmp_path, codebooks):
+    users, items = sides()
+    users, items = with_sentence_sets(users), with_sentence_sets(items, seed=2)
+    model = build_model(users, items, ModelConfig(codebooks=codebooks, global_mean=3.5))
+    pool = model.user_tower.media["text"].pool
+    assert pool is model.item_tower.media["text"].pool and pool.scores.out_features == (codebooks or 1)
+    scores = model(torch.tensor([0, 1, 6]), torch.tensor([0, 4, 5]))
+    torch.nn.functional.mse_loss(scores, torch.tensor([4.0, 2.0, 3.0])).backward()
+    assert pool.scores.weight.grad.abs().sum() > 0  # the attention trains with the model
+    model.eval().mark_seen(np.array([0, 1, 2]), np.array([0, 1, 2, 3]))
+    for user in (1, 4):
+        assert torch.allclose(model.score_all(user), model(torch.full((5,), user), torch.arange(5)), atol=1e-5)
+    # a new user given as a set (what the service encodes) scores like the unseen user with that set
+    row = model.users.row(text=users.text[4], image=users.image[4], structured=users.structured[4],
+                          words=users.words[4])
+    assert torch.allclose(model.score_all_for(row), model.score_all(4), atol=1e-5)
+    save_bundle(tmp_path / "b", model, users, items, {"objective": "rating"})
+    loaded, meta = load_bundle(tmp_path / "b")
+    assert meta["users"]["text_set"] == 3 and torch.allclose(loaded.score_all(4), model.score_all(4), atol=1e-6)
+    users.text_set = 1  # users' texts read as single vectors, items' as sets: one encoder, one chunking
+    with pytest.raises(ValueError, match="differ in width or set size"):
+        build_model(users, items, ModelConfig())
+
+
+def test_content_knn_reads_a_set_as_the_mean_of_its_vectors():
+    users, items = sides()
+    items = with_sentence_sets(items)
+    knn = build_model(users, items, ModelConfig(model="content-knn"))
+    items_mean = sides()[1]
+    items_mean.text = set_mean(torch.from_numpy(items.text), 3).numpy()
+    plain = build_model(users, items_mean, ModelConfig(model="content-knn"))
+    for model in (knn, plain):
+        model.mark_seen(np.array([0, 0, 1]), np.array([0, 1, 2]))
+        model.fit_ratings(np.array([0, 0, 1]), np.array([0, 1, 2]))
+    assert torch.allclose(knn.score_all(0), plain.score_all(0)) and knn.score_all(0).abs().sum() > 0
 
 
 def test_id_dropout_follows_how_often_an_id_was_seen_in_training():

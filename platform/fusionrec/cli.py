@@ -193,7 +193,9 @@ def encode(
     pooling: Annotated[str, typer.Option(help="cls (the paper's) or mean.")] = "cls",
     text_chunks: Annotated[str, typer.Option(help="none (each text whole) or sentence (each sentence encoded, "
                                                   "then pooled).")] = "sentence",
-    chunk_pooling: Annotated[str, typer.Option(help="How sentence vectors are pooled: mean or max.")] = "mean",
+    chunk_pooling: Annotated[str, typer.Option(help="How sentence vectors are pooled: mean, max, or set "
+                                                         "(kept side by side for the model to attend over).")]
+    = "mean",
     batch_size: Annotated[int, typer.Option(help="Rows per encoder batch.")] = 32,
     actors: Annotated[int, typer.Option(help="Encoder actors in the Ray Data actor pool.")] = 2,
     gpus_per_actor: Annotated[float, typer.Option(help="GPUs per actor (0: CPU).")] = 0.0,

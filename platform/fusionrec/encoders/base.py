@@ -7,9 +7,10 @@ token (as in the paper) or the mean of the token states.
 
 A text can be read whole (`chunks="none"`, the paper's) or sentence by sentence
 (`chunks="sentence"`): each sentence is encoded on its own and the sentence vectors are pooled
-(`chunk_pooling` mean or max). A self-introduction that states three tastes in three sentences
-then keeps each of them in a vector of its own before they are pooled, instead of squeezing all
-five sentences through one CLS token.
+(`chunk_pooling` mean or max), or kept as a set (`set`): the first SET_SIZE sentence vectors side
+by side, zero-padded, for a model to attend over (FusionNeuMF's SetPooling). A self-introduction
+that states three tastes in three sentences then keeps each of them in a vector of its own,
+instead of squeezing all five sentences through one CLS token.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ DEFAULT_TEXT_MODEL = "all-minilm-l6-v2"
 DEFAULT_IMAGE_MODEL = DINOV2_NAME
 POOLINGS = ("cls", "mean")
 TEXT_CHUNKS = ("none", "sentence")
-CHUNK_POOLINGS = ("mean", "max")
+CHUNK_POOLINGS = ("mean", "max", "set")
+SET_SIZE = 8  # sentence vectors a `set` keeps per text; sentences past the 8th are averaged into the last
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")  # a full stop, ! or ? followed by white space
 
 
@@ -79,6 +81,22 @@ def sentences(text: str) -> list[str]:
     return [part for part in (p.strip() for p in SENTENCE_END.split(text)) if part] or [text]
 
 
+def set_size(chunks: str, chunk_pooling: str) -> int:
+    """How many vectors one text's embedding holds: SET_SIZE for sentence sets, else 1 (a text
+    read whole has no chunks to pool, whatever the chunk pooling)."""
+    return SET_SIZE if chunks == "sentence" and chunk_pooling == "set" else 1
+
+
+def _as_set(vectors: np.ndarray) -> np.ndarray:
+    """[sentences, hidden] -> [SET_SIZE * hidden]: the sentence vectors in order, zero-padded; the
+    sentences past SET_SIZE - 1 share the last slot (their mean), so no sentence is dropped."""
+    kept = vectors if len(vectors) <= SET_SIZE else np.concatenate(
+        [vectors[:SET_SIZE - 1], vectors[SET_SIZE - 1:].mean(0, keepdims=True)])
+    padded = np.zeros((SET_SIZE, vectors.shape[1]), vectors.dtype)
+    padded[:len(kept)] = kept
+    return padded.reshape(-1)
+
+
 def load_pretrained(model: str, loader):
     """`loader.from_pretrained(model)`, offline, with a one-line error naming the model."""
     try:
@@ -98,20 +116,24 @@ class TextEncoder:
         self.pooling = _check_pooling(pooling)
         self.chunks = check_choice("text chunks", chunks, TEXT_CHUNKS)
         self.chunk_pooling = check_choice("chunk pooling", chunk_pooling, CHUNK_POOLINGS)
+        self.set_size = set_size(chunks, chunk_pooling)
         self.tokenizer = load_pretrained(model, AutoTokenizer)
         self.model = load_pretrained(model, AutoModel).eval().to(device)
         self.device, self.max_length = device, max_length
         self.name = name or Path(model).name
-        self.dim = int(self.model.config.hidden_size)
+        self.dim = int(self.model.config.hidden_size) * self.set_size  # a set: its vectors side by side
 
     def encode(self, texts: list[str]) -> np.ndarray:
         if self.chunks == "none":
             return self._encode(list(texts))
         pieces = [sentences(str(text)) for text in texts]
-        vectors = self._encode([piece for text in pieces for piece in text])  # [all sentences, dim]
-        pool = np.mean if self.chunk_pooling == "mean" else np.max
+        vectors = self._encode([piece for text in pieces for piece in text])  # [all sentences, hidden]
         ends = np.cumsum([len(text) for text in pieces])
-        return np.stack([pool(vectors[end - len(text):end], axis=0) for end, text in zip(ends, pieces, strict=True)])
+        groups = [vectors[end - len(text):end] for end, text in zip(ends, pieces, strict=True)]
+        if self.chunk_pooling == "set":
+            return np.stack([_as_set(group) for group in groups])
+        pool = np.mean if self.chunk_pooling == "mean" else np.max
+        return np.stack([pool(group, axis=0) for group in groups])
 
     @torch.inference_mode()
     def _encode(self, texts: list[str]) -> np.ndarray:

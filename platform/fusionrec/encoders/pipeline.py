@@ -4,8 +4,9 @@
 
 One table per side (users, items) and kind (text, image): `id`, `content_hash` (sha256 of the
 text or of the image file), `embedding` (float32[dim]), `mask` (1 = encoded, 0 = no content),
-with the encoder's name, model, dim and pooling (and, for text, how it was chunked) in the Parquet
-metadata. Missing text or images become a zero vector with mask 0. Incremental: a row whose hash
+with the encoder's name, model, dim and pooling (and, for text, how it was chunked; a sentence set
+also records `set_size`, and its `dim` is set_size x the model's width) in the Parquet metadata.
+Missing text or images become a zero vector with mask 0. Incremental: a row whose hash
 (and encoder) is unchanged keeps its embedding; only new or changed rows go through Ray. The
 tables are written as one set, the tables of the dataset's current text and image columns and no
 others (see _write_set).
@@ -39,6 +40,7 @@ from fusionrec.encoders.base import (
     check_choice,
     load_pretrained,
     resolve_model,
+    set_size,
 )
 
 KINDS = ("text", "image")
@@ -53,7 +55,7 @@ class EncodeConfig:
     image_model: str = DEFAULT_IMAGE_MODEL
     pooling: str = "cls"
     text_chunks: str = "sentence"  # see encoders/base.py; "none" reads each text whole (the paper's way)
-    chunk_pooling: str = "mean"
+    chunk_pooling: str = "mean"  # or "set": sentence vectors kept for FusionNeuMF to attend over (docs/quality.md)
     batch_size: int = 32
     actors: int = 2
     gpus_per_actor: float = 0.0
@@ -261,6 +263,9 @@ def _model_meta(kind: str, cfg: EncodeConfig) -> tuple[str, str, dict]:
         meta["image_size"] = cfg.image_size
     else:
         meta |= {"chunks": cfg.text_chunks, "chunk_pooling": cfg.chunk_pooling}
+        size = set_size(cfg.text_chunks, cfg.chunk_pooling)
+        if size > 1:  # each row: `size` vectors of dim / size side by side, zero-padded
+            meta |= {"set_size": size, "dim": meta["dim"] * size}
     return model, name, meta
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fusionrec.models.content import SideContent
-from fusionrec.models.nets import ModelConfig, Recommender
+from fusionrec.models.nets import ModelConfig, Recommender, set_mean
 
 
 class CountModel(Recommender):
@@ -93,7 +93,7 @@ class ContentKNN(CountModel):
 
     def _unit_items(self) -> torch.Tensor:
         if self._unit_cache is None:
-            self._unit_cache = self._unit(self.items.text[:self.items.n])
+            self._unit_cache = self._unit(set_mean(self.items.text[:self.items.n], self.items.sets["text"]))
         return self._unit_cache
 
     def fit_ratings(self, users: np.ndarray, items: np.ndarray) -> None:
@@ -124,7 +124,7 @@ class ContentKNN(CountModel):
 
     def score(self, user, item):
         users = user["ids"]
-        items = self._unit(item["text"])  # [batch, dim]
+        items = self._unit(set_mean(item["text"], self.items.sets["text"]))  # [batch, dim]
         out = torch.zeros(len(users))
         for u in torch.unique(users).tolist():
             rows = users == u

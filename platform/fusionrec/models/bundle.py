@@ -29,10 +29,9 @@ def save_bundle(folder: Path, model: Recommender, users: SideContent, items: Sid
         np.save(folder / "seen.npy", np.asarray(seen, np.int32).reshape(-1, 2))
     meta = {
         "model_config": asdict(model.config),
-        "users": {"ids": users.ids.tolist(), "structured": users.encoder.to_dict(),
-                  "dims": {k: v.shape[1] for k, v in users.arrays().items()}},
-        "items": {"ids": items.ids.tolist(), "structured": items.encoder.to_dict(),
-                  "dims": {k: v.shape[1] for k, v in items.arrays().items()}},
+        **{name: {"ids": side.ids.tolist(), "structured": side.encoder.to_dict(), "text_set": side.text_set,
+                  "dims": {k: v.shape[1] for k, v in side.arrays().items()}}
+           for name, side in (("users", users), ("items", items))},
         **extra,
     }
     (folder / "bundle.json").write_text(json.dumps(meta))
@@ -42,7 +41,7 @@ def _empty_side(meta: dict) -> SideContent:
     n = len(meta["ids"])
     arrays = {k: np.zeros((n + 1, d), np.float32) for k, d in meta["dims"].items()}
     return SideContent(ids=np.array(meta["ids"], dtype=object), encoder=StructuredEncoder.from_dict(meta["structured"]),
-                       **arrays)
+                       text_set=meta.get("text_set", 1), **arrays)
 
 
 def _read_meta(folder: Path) -> dict:

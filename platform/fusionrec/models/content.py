@@ -91,6 +91,7 @@ class SideContent:
     words: np.ndarray  # [n + 1, BAG_OF_WORDS_DIM]
     encoder: StructuredEncoder
     pixels: np.ndarray | None = None  # [n + 1, 3 * PIXELS * PIXELS] in [0, 1], only for the CNN baseline
+    text_set: int = 1  # > 1: each text row is that many sentence vectors side by side (encode's `set`)
 
     @property
     def n(self) -> int:
@@ -117,25 +118,26 @@ def _with_unknown_row(matrix: np.ndarray) -> np.ndarray:
 
 
 def _embeddings(features: Path | None, side: str, kind: str, ids: np.ndarray, column: str,
-                values: list) -> np.ndarray:
-    """The feature table's embeddings aligned to `ids` (rows with mask 0 stay zero). None (width 0)
-    without a features folder, or for a column empty everywhere (encode writes no table for it);
-    otherwise the table must be there: a model must not quietly train without a declared modality."""
+                values: list) -> tuple[np.ndarray, int]:
+    """The feature table's embeddings aligned to `ids` (rows with mask 0 stay zero), and its set
+    size (1 unless the texts are sentence sets). Width 0 without a features folder, or for a column
+    empty everywhere (encode writes no table for it); otherwise the table must be there: a model
+    must not quietly train without a declared modality."""
     from fusionrec.encoders.pipeline import embedding_matrix, feature_path, read_features
 
     if features is None or all(is_missing(v) for v in values):
-        return np.zeros((len(ids), 0), np.float32)
+        return np.zeros((len(ids), 0), np.float32), 1
     path = feature_path(features, side, kind)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such feature table, but the {side} have {kind} ({column!r}); "
                                 f"run `fusionrec encode` on this dataset with --out {features}")
-    frame, _ = read_features(path)
+    frame, meta = read_features(path)
     matrix = embedding_matrix(frame) * frame["mask"].to_numpy(np.float32)[:, None]
     position = row_index(frame["id"])
     missing = [i for i in ids if i not in position]
     if missing:
         raise ValueError(f"{path}: no features for {len(missing)} {side} (e.g. {missing[0]!r}); run `fusionrec encode`")
-    return matrix[[position[i] for i in ids]]
+    return matrix[[position[i] for i in ids]], int(meta.get("set_size", 1))
 
 
 def raw_pixels(root: Path, paths) -> np.ndarray:
@@ -169,15 +171,17 @@ def build_side(table: pd.DataFrame, spec: TableSpec, side: str, features: Path |
     encoder = StructuredEncoder.fit(table, spec)
     texts = table[spec.text].tolist() if spec.text else [None] * len(table)
 
-    def embeddings(kind: str, column: str | None) -> np.ndarray:
+    def embeddings(kind: str, column: str | None) -> tuple[np.ndarray, int]:
         if not column:
-            return np.zeros((len(ids), 0), np.float32)
+            return np.zeros((len(ids), 0), np.float32), 1
         return _embeddings(features, side, kind, ids, column, table[column].tolist())
 
+    text, text_set = embeddings("text", spec.text)
     return SideContent(
         ids=ids,
-        text=_with_unknown_row(embeddings("text", spec.text)),
-        image=_with_unknown_row(embeddings("image", spec.image)),
+        text=_with_unknown_row(text),
+        text_set=text_set,
+        image=_with_unknown_row(embeddings("image", spec.image)[0]),
         structured=_with_unknown_row(encoder.transform(table)),
         words=_with_unknown_row(bag_of_words(texts) if spec.text else np.zeros((len(ids), 0))),
         encoder=encoder,

@@ -9,7 +9,8 @@ row indices (index n = the unknown user/item), `score_all(user)` ranks every ite
         b   = id bias
         t, v = text and image CLS embeddings (z-scored, / sqrt(width)), each through a projection
               that users and items share: the fusion layer, per modality (linear, or with
-              `codebooks`, a few softmaxes over learned codes: see Codebooks)
+              `codebooks`, a few softmaxes over learned codes: see Codebooks); a text kept as a
+              set of sentence vectors is first attended over (SetPooling, one head per book)
         s   = MLP(structured one-hots ++ numbers), per side
         vector x = [p ++ T t ++ V v ++ s]   (content entries dropped out where the MLP reads them)
     rating = w . [x_u * x_i  ++  MLP_128->64(x_u ++ x_i)] + b_u + b_i + c
@@ -124,8 +125,61 @@ class Codebooks(nn.Module):
         self.input_scale = dim ** 0.5  # SideTower divides embeddings by sqrt(width): undone, so logits start O(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(x * self.input_scale).view(len(x), self.books, self.size)
+        """x: [batch, dim], or [batch, books, dim] with one input per book (SetPooling's heads)."""
+        logits = self.logits(x * self.input_scale)  # [batch, books * size] or [batch, books, books * size]
+        if x.dim() == 3:  # book b reads only its own input
+            logits = logits.view(len(x), self.books, self.books, self.size).diagonal(dim1=1, dim2=2).transpose(1, 2)
+        logits = logits.reshape(len(x), self.books, self.size)
         return torch.softmax(logits, dim=-1).flatten(1)  # [batch, books * size]
+
+
+class SetPooling(nn.Module):
+    """A set of sentence vectors [batch, set, dim] (an all-zero vector is padding) -> [batch, heads,
+    dim]: per head, a softmax-weighted mean of the set's vectors.
+
+    The scores start at zero, so every head starts as the plain mean of the set (encode's `mean`
+    pooling, up to standardising); training can then turn a head to the sentence that states the
+    taste it reads (docs/quality.md)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.scores = nn.Linear(dim, heads)
+        nn.init.zeros_(self.scores.weight)
+        nn.init.zeros_(self.scores.bias)
+        self.input_scale = dim ** 0.5  # as in Codebooks: scores start O(1) once they are learned
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        present = (x != 0).any(dim=-1, keepdim=True)  # [batch, set, 1]
+        # Padding gets a large negative score, not -inf: a row with no vectors (no text) then
+        # averages zeros into zero, where -inf would give NaN weights and NaN gradients.
+        scores = self.scores(x * self.input_scale).masked_fill(~present, -1e9)  # [batch, set, heads]
+        return torch.einsum("bsh,bsd->bhd", torch.softmax(scores, dim=1), x)
+
+
+class AttendedProjection(nn.Module):
+    """A modality's shared projection over sets of vectors: SetPooling, then the projection. With
+    codebooks there is one head per book, so each book can read the sentence that states its taste."""
+
+    def __init__(self, dim: int, projection: nn.Module):
+        super().__init__()
+        self.per_book = isinstance(projection, Codebooks)
+        self.pool = SetPooling(dim, projection.books if self.per_book else 1)
+        self.projection = projection
+        self.out_features = _out_width(projection)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [batch, set, dim]
+        pooled = self.pool(x)  # [batch, heads, dim]
+        return self.projection(pooled if self.per_book else pooled[:, 0])
+
+
+def set_mean(x: torch.Tensor, size: int) -> torch.Tensor:
+    """[rows, size * dim] sets of vectors -> [rows, dim], the mean of each row's present (non-zero)
+    vectors: what encode's `mean` chunk pooling gives. Size 1: x itself."""
+    if size == 1:
+        return x
+    vectors = x.reshape(len(x), size, -1)
+    present = (vectors != 0).any(dim=-1, keepdim=True).float()
+    return (vectors * present).sum(1) / present.sum(1).clamp(min=1)
 
 
 def _out_width(projection: nn.Module) -> int:
@@ -145,6 +199,7 @@ class ContentBank(nn.Module):
         for name, matrix in side.arrays().items():
             self.register_buffer(name, torch.from_numpy(np.ascontiguousarray(matrix)))
         self.register_buffer("seen", torch.ones(side.n + 1, dtype=torch.bool))
+        self.sets = {"text": side.text_set, "image": 1}  # vectors per row (see SideContent.text_set)
 
     def mark_seen(self, idx: np.ndarray) -> None:
         self.seen.zero_()
@@ -223,13 +278,15 @@ class SideTower(nn.Module):
         nn.init.normal_(self.ids.weight, std=0.01)
         nn.init.zeros_(self.bias.weight)
         self.media = media
+        self.sets = bank.sets
         self.own_media = [name for name in media if getattr(bank, name).shape[1] > 0]  # this side has it
         self.standardise = config.standardise
         if self.standardise:  # buffers: saved with the model, so serving scales the same way
-            for name in self.own_media:
-                mean, std = _moments(getattr(bank, name)[:bank.n])
+            for name in self.own_media:  # over single vectors: a set's are moments of its sentence vectors
+                vectors = getattr(bank, name)[:bank.n].reshape(bank.n * bank.sets[name], -1)
+                mean, std = _moments(vectors)
                 self.register_buffer(f"{name}_mean", mean)
-                self.register_buffer(f"{name}_scale", std * getattr(bank, name).shape[1] ** 0.5)
+                self.register_buffer(f"{name}_scale", std * vectors.shape[1] ** 0.5)
         structured_dim = 0 if v in ("no_structured", "id_only") else bank.structured.shape[1]
         widths = [*config.content_hidden, config.content_dim]
         self.structured = mlp([structured_dim, *widths], final_activation=False) if structured_dim else None
@@ -260,10 +317,13 @@ class SideTower(nn.Module):
         self.id_dropout_rate.copy_(torch.where(counts > 0, rate, 0.0))
 
     def _embedding(self, side: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        """[batch, dim], or [batch, set, dim] for sets of vectors."""
         x = side[name]
+        if self.sets[name] > 1:
+            x = x.view(len(x), self.sets[name], -1)
         if not self.standardise:
             return x
-        present = (x != 0).any(dim=1, keepdim=True)  # no text/image (and the unknown row): all zeros
+        present = (x != 0).any(dim=-1, keepdim=True)  # no text/image (the unknown row, padding): all zeros
         return torch.where(present, (x - getattr(self, f"{name}_mean")) / getattr(self, f"{name}_scale"), 0.0)
 
 
@@ -280,16 +340,19 @@ def _media_projections(users: ContentBank, items: ContentBank, config: ModelConf
     skip = {"no_text": {"text"}, "no_image": {"image"}, "id_only": {"text", "image"}}.get(config.variant, set())
     projections = nn.ModuleDict()
     for name in ("text", "image"):
-        dims = {getattr(bank, name).shape[1] for bank in (users, items)} - {0}
-        if name in skip or not dims:
+        shapes = {(getattr(bank, name).shape[1], bank.sets[name]) for bank in (users, items)
+                  if getattr(bank, name).shape[1]}
+        if name in skip or not shapes:
             continue
-        if len(dims) > 1:
-            raise ValueError(f"users' and items' {name} embeddings differ in width ({sorted(dims)}): "
-                             "encode both sides with one model")
-        dim = dims.pop()
-        projections[name] = (Codebooks(dim, config.content_hidden, config.codebooks, config.codebook_size)
-                             if config.codebooks else mlp([dim, *config.content_hidden, config.content_dim],
-                                                          final_activation=False))
+        if len(shapes) > 1:
+            raise ValueError(f"users' and items' {name} embeddings differ in width or set size ({sorted(shapes)}): "
+                             "encode both sides with one model and the same chunking")
+        width, size = shapes.pop()
+        dim = width // size
+        projection = (Codebooks(dim, config.content_hidden, config.codebooks, config.codebook_size)
+                      if config.codebooks else mlp([dim, *config.content_hidden, config.content_dim],
+                                                   final_activation=False))
+        projections[name] = AttendedProjection(dim, projection) if size > 1 else projection
     return projections
 
 
