@@ -133,6 +133,11 @@ class Codebooks(nn.Module):
         return torch.softmax(logits, dim=-1).flatten(1)  # [batch, books * size]
 
 
+def is_present(x: torch.Tensor) -> torch.Tensor:
+    """[..., dim] -> [..., 1] bool: the vector is not all zeros (all zeros: no text or image, or padding)."""
+    return (x != 0).any(dim=-1, keepdim=True)
+
+
 class SetPooling(nn.Module):
     """A set of sentence vectors [batch, set, dim] (an all-zero vector is padding) -> [batch, heads,
     dim]: per head, a softmax-weighted mean of the set's vectors.
@@ -149,7 +154,7 @@ class SetPooling(nn.Module):
         self.input_scale = dim ** 0.5  # as in Codebooks: scores start O(1) once they are learned
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        present = (x != 0).any(dim=-1, keepdim=True)  # [batch, set, 1]
+        present = is_present(x)  # [batch, set, 1]
         # Padding gets a large negative score, not -inf: a row with no vectors (no text) then
         # averages zeros into zero, where -inf would give NaN weights and NaN gradients.
         scores = self.scores(x * self.input_scale).masked_fill(~present, -1e9)  # [batch, set, heads]
@@ -178,7 +183,7 @@ def set_mean(x: torch.Tensor, size: int) -> torch.Tensor:
     if size == 1:
         return x
     vectors = x.reshape(len(x), size, -1)
-    present = (vectors != 0).any(dim=-1, keepdim=True).float()
+    present = is_present(vectors).float()
     return (vectors * present).sum(1) / present.sum(1).clamp(min=1)
 
 
@@ -323,13 +328,13 @@ class SideTower(nn.Module):
             x = x.view(len(x), self.sets[name], -1)
         if not self.standardise:
             return x
-        present = (x != 0).any(dim=-1, keepdim=True)  # no text/image (the unknown row, padding): all zeros
-        return torch.where(present, (x - getattr(self, f"{name}_mean")) / getattr(self, f"{name}_scale"), 0.0)
+        # no text/image (the unknown row, padding) is all zeros, and stays so
+        return torch.where(is_present(x), (x - getattr(self, f"{name}_mean")) / getattr(self, f"{name}_scale"), 0.0)
 
 
 def _moments(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and std over the rows that are not all zeros (0 and 1 if there are none)."""
-    rows = matrix[(matrix != 0).any(dim=1)]
+    rows = matrix[is_present(matrix)[:, 0]]
     if len(rows) < 2:
         return torch.zeros(matrix.shape[1]), torch.ones(matrix.shape[1])
     return rows.mean(0), rows.std(0).clamp(min=1e-6)
