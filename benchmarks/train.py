@@ -3,8 +3,8 @@
 Same model (FusionNeuMF on structured + bag-of-words-free content), same data (a synthetic shop
 of >= 200k ratings, the 70 % training part), same batch size and optimiser. Both use all cores:
 the plain loop through torch threads, Ray Train through one worker holding every CPU (or N
-workers splitting them). Prints steady-state samples/s (the last epoch) of each and the ratio,
-plus Ray's end-to-end wall time including worker start-up.
+workers splitting them); on a machine with a GPU both train on it. Prints steady-state samples/s
+(the last epoch) of each and the ratio, plus Ray's end-to-end wall time including worker start-up.
 
     .venv/bin/python benchmarks/train.py [--users 2000 --items 1000 --density 0.15 --epochs 3 --workers 1]
     .venv/bin/python benchmarks/train.py --nodes 2     # also on a local 2-node cluster: the scaling
@@ -28,21 +28,22 @@ from fusionrec.ray_runtime import ensure_ray
 from fusionrec.train import TrainConfig, _loss, fit, make_optimizer, prepare
 
 
-def plain_loop(cfg: TrainConfig, prepared) -> float:
-    """Samples/s of the last epoch of a plain loop over in-memory tensors."""
+def plain_loop(cfg: TrainConfig, prepared, device: torch.device) -> float:
+    """Samples/s of the last epoch of a plain loop over in-memory tensors on `device`."""
     torch.set_num_threads(os.cpu_count() or 1)
     train = prepared.ratings.iloc[prepared.split.train]
     model = build_model(prepared.users, prepared.items,
                         ModelConfig(**{**asdict(cfg.model), "global_mean": float(train["rating"].mean())}))
     model.mark_seen(train["user_idx"].to_numpy(), train["item_idx"].to_numpy())
+    model.to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.id_l2)
-    users, items = torch.tensor(train["user_idx"].to_numpy()), torch.tensor(train["item_idx"].to_numpy())
-    ratings = torch.tensor(train["rating"].to_numpy())
+    users, items, ratings = (torch.tensor(train[c].to_numpy(), device=device)
+                             for c in ("user_idx", "item_idx", "rating"))
     rate = 0.0
     for _ in range(cfg.epochs):
         model.train()
         start = time.perf_counter()
-        order = torch.randperm(len(users))
+        order = torch.randperm(len(users), device=device)
         for s in range(0, len(users), cfg.batch_size):
             batch = order[s:s + cfg.batch_size]
             loss = _loss(model, users[batch], items[batch], ratings[batch], cfg.objective, cfg.negatives,
@@ -50,6 +51,7 @@ def plain_loop(cfg: TrainConfig, prepared) -> float:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        loss.item()  # waits for the device to finish the epoch's steps
         rate = len(users) / (time.perf_counter() - start)
     return rate
 
@@ -63,10 +65,12 @@ def main(users: int = 2000, items: int = 1000, density: float = 0.15, epochs: in
         cfg = TrainConfig(dataset=str(Path(tmp) / "shop"), epochs=epochs, batch_size=batch_size, workers=workers)
         prepared = prepare(cfg)
         n = len(prepared.split.train)
-        plain = plain_loop(cfg, prepared)
+        # This machine's GPU, if it has one: the local Ray below finds the same one (fit's use_gpus).
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        plain = plain_loop(cfg, prepared, device)
         ensure_ray()
         ray_rate, wall = ray_train(cfg, prepared, Path(tmp) / "ray")
-        print(f"{n:,} training ratings, batch {batch_size}, {epochs} epochs, {workers} Ray worker(s)")
+        print(f"{n:,} training ratings, batch {batch_size}, {epochs} epochs, {workers} Ray worker(s), on {device}")
         print(f"plain PyTorch loop: {plain:,.0f} samples/s; Ray Train: {ray_rate:,.0f} samples/s; "
               f"ratio {ray_rate / plain:.2f}")
         print(f"Ray Train end to end (worker start-up, data, {epochs} epochs): {wall:.1f}s = "

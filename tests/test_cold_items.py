@@ -122,12 +122,13 @@ def test_baselines_are_listed_and_train_under_the_implicit_objective_only():
 def test_negatives_are_drawn_from_training_items_only():
     from fusionrec.train import LoopData, negative_pool
 
+    cpu = torch.device("cpu")
     users, items = _sides()
     train = pd.DataFrame({"user_idx": [0, 1, 1], "item_idx": [0, 2, 2], "rating": [1.0, 1.0, 1.0]})
     data = LoopData(users, items, train, train.iloc[:0])
-    assert negative_pool(data).tolist() == [0, 2]  # items 1, 3 and 4 are held out: never negatives
+    assert negative_pool(data, cpu).tolist() == [0, 2]  # items 1, 3 and 4 are held out: never negatives
     everything = pd.DataFrame({"user_idx": [0] * 5, "item_idx": range(5), "rating": 1.0})
-    assert negative_pool(LoopData(users, items, everything, train.iloc[:0])) == 5  # all items: as before
+    assert negative_pool(LoopData(users, items, everything, train.iloc[:0]), cpu) == 5  # all items: as before
 
 
 # --- end to end on the tiny shop (Ray Train, MLflow, evaluate) ---------------------------------------

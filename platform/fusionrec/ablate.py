@@ -51,11 +51,13 @@ def run_fit(config: dict, users, items, ratings, splits: dict, base: dict, threa
     """One trial: a row's model on one fold (or one cold-start seed); reports its test metrics."""
     from ray import tune
 
+    from fusionrec.ray_runtime import assigned_device
+
     _, model, variant = ROWS[config["row"]]
     cfg = TrainConfig.from_dict(with_settings(base, {"model.model": model, "model.variant": variant}))
     split = splits[f"{config['part']}-{config['fold']}"]
     started = time.perf_counter()
-    trained, _ = fit_in_trial(cfg, loop_data(users, items, ratings, split), threads)
+    trained, _ = fit_in_trial(cfg, loop_data(users, items, ratings, split), threads, assigned_device())
     seconds = time.perf_counter() - started
     # The epoch was chosen on validation inside fit_in_trial; the test part is scored once, here.
     metrics = candidate(trained, ratings.iloc[split.test], scoring["scale"], scoring["k"], scoring["threshold"],
@@ -127,7 +129,7 @@ def ablate(dataset: str, features: str | None, folds: int = 5, epochs: int = 10,
     from ray import tune
 
     from fusionrec import registry
-    from fusionrec.ray_runtime import cluster_cpus, ensure_ray
+    from fusionrec.ray_runtime import concurrent_trials, ensure_ray, trial_resources
 
     rows = rows or list(ROWS)
     unknown = [r for r in rows if r not in ROWS]
@@ -156,7 +158,7 @@ def ablate(dataset: str, features: str | None, folds: int = 5, epochs: int = 10,
     registry.setup()
     ensure_ray()
     quiet_tune()
-    concurrency = max_concurrent or max(1, int(cluster_cpus() // cpus_per_trial))
+    concurrency = max_concurrent or concurrent_trials(cpus_per_trial)
     total = len(trained_rows) * folds * len(parts)
 
     def describe(trial, state: str) -> str:
@@ -168,7 +170,7 @@ def ablate(dataset: str, features: str | None, folds: int = 5, epochs: int = 10,
     trainable = tune.with_resources(
         tune.with_parameters(run_fit, users=prepared.users, items=prepared.items, ratings=ratings, splits=splits,
                              base=base, threads=max(1, int(cpus_per_trial)), scoring=scoring),
-        {"cpu": cpus_per_trial})
+        trial_resources(cpus_per_trial))
     tuner = tune.Tuner(
         trainable,
         param_space={"row": tune.grid_search(trained_rows), "part": tune.grid_search(parts),

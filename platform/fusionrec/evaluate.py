@@ -52,9 +52,9 @@ def predict(model: Recommender, users: np.ndarray, items: np.ndarray, scale: tup
     model.eval()
     out = []
     for start in range(0, len(users), batch_size):
-        u = torch.tensor(users[start:start + batch_size], dtype=torch.long)
-        i = torch.tensor(items[start:start + batch_size], dtype=torch.long)
-        out.append(model(u, i).float().numpy())
+        u = torch.tensor(users[start:start + batch_size], dtype=torch.long, device=model.device)
+        i = torch.tensor(items[start:start + batch_size], dtype=torch.long, device=model.device)
+        out.append(model(u, i).float().cpu().numpy())
     scores = np.concatenate(out) if out else np.zeros(0, np.float32)
     return np.clip(scores, *scale) if scale else scores
 
@@ -94,7 +94,7 @@ def full_ranking(model: Recommender, train: pd.DataFrame, test: pd.DataFrame, k:
     relevant = test.groupby("user_idx")["item_idx"].agg(set)
     recommended = []
     for user in relevant.index:
-        scores = model.score_all(int(user)).float().numpy()
+        scores = model.score_all(int(user)).float().cpu().numpy()
         recommended.append(top_k_among(scores, candidates, seen.get(user, []), k))
     return ranking_metrics(recommended, list(relevant), k)
 

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from fusionrec.verbosity import quiet_ray_libraries
+
+if TYPE_CHECKING:
+    import torch
+
 
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2  # Ray's default reserves ~30 % of memory: cap it on small machines
 
@@ -39,6 +44,38 @@ def cluster_cpus() -> int:
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def use_gpus() -> bool:
+    """Whether training reserves GPUs: whether the Ray cluster has any. Ray's resources decide, not
+    this process's torch: a driver without CUDA drives GPU workers, and a driver with CUDA does not
+    put CPU-only workers on a GPU. Call after ensure_ray()."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def trial_resources(cpus: float) -> dict[str, float]:
+    """What one Tune trial reserves: `cpus`, and one GPU when the cluster has GPUs (the trial
+    trains in its own process, on the device of `assigned_device()`)."""
+    return {"cpu": cpus, "gpu": 1} if use_gpus() else {"cpu": cpus}
+
+
+def concurrent_trials(cpus: float) -> int:
+    """How many trials holding `trial_resources(cpus)` the cluster runs at once."""
+    import ray
+
+    fits = max(1, int(cluster_cpus() // cpus))
+    return min(fits, int(ray.cluster_resources()["GPU"])) if use_gpus() else fits
+
+
+def assigned_device() -> torch.device:
+    """The torch device of the GPU that Ray assigned this worker process (Ray makes it the only
+    visible one), or the CPU if it assigned none, whatever else the machine has."""
+    import ray
+    import torch
+
+    return torch.device("cuda" if ray.get_gpu_ids() else "cpu")
 
 
 def cpus_each(n: int) -> int:

@@ -5,6 +5,10 @@
     run_epochs()         the epoch loop itself, shared with Ray Tune's trials (tune.py)
     train()              TorchTrainer (ScalingConfig, RunConfig, FailureConfig) -> evaluate -> MLflow
 
+On a Ray cluster with GPUs each worker reserves one and trains on it (`ray_runtime.use_gpus`: the
+cluster decides, not the driver's torch); the loop takes its device explicitly, keeps the best
+weights on the CPU and reads every saved state onto the CPU (`load_state`), so a CPU driver loads
+what a GPU trained, and a checkpoint resumes on either.
 Checkpoints are written every epoch; a lost worker restarts the group from the last one
 (`FailureConfig(max_failures=...)`). The checkpoint also keeps the best weights on validation
 (`SELECTION`: validation MSE for ratings, validation nDCG@10 over full ranking for implicit
@@ -184,15 +188,16 @@ def prepare(cfg: TrainConfig, pixels: bool = False) -> Prepared:
 
 
 def _loss(model, users, items, ratings, objective: str, negatives: int, n_items: int | torch.Tensor) -> torch.Tensor:
-    """`n_items`: negatives are drawn from item rows 0..n_items-1, or from the rows in a tensor."""
+    """`n_items`: negatives are drawn from item rows 0..n_items-1, or from the rows in a tensor, on
+    the batch's device (on the CPU, the same numbers as without a device)."""
     if objective == "rating":
         return torch.nn.functional.mse_loss(model(users, items), ratings)
     # implicit: every observed pair is a positive; `negatives` random items per positive are negatives
     neg_users = users.repeat_interleave(negatives)
     if isinstance(n_items, torch.Tensor):
-        neg_items = n_items[torch.randint(0, len(n_items), neg_users.shape)]
+        neg_items = n_items[torch.randint(0, len(n_items), neg_users.shape, device=users.device)]
     else:
-        neg_items = torch.randint(0, n_items, neg_users.shape)
+        neg_items = torch.randint(0, n_items, neg_users.shape, device=users.device)
     scores = model(torch.cat([users, neg_users]), torch.cat([items, neg_items]))
     labels = torch.cat([torch.ones_like(users, dtype=torch.float32), torch.zeros_like(neg_users, dtype=torch.float32)])
     return torch.nn.functional.binary_cross_entropy_with_logits(scores, labels)
@@ -232,12 +237,13 @@ def loop_config(cfg: TrainConfig, data: LoopData, threads: int) -> dict:
             "negatives": cfg.negatives, "seed": cfg.seed, "ema_decay": cfg.ema_decay, "threads": threads}
 
 
-def negative_pool(data: LoopData) -> int | torch.Tensor:
-    """What training draws negatives from: the items with training ratings. Items held out whole
-    (cold-start, cold-items) never appear as negatives, so their content is not learned as "not
-    liked" from the training loop (nor touched by it at all). Every item: the count, as before."""
+def negative_pool(data: LoopData, device: torch.device) -> int | torch.Tensor:
+    """What training draws negatives from: the items with training ratings (a tensor on `device`).
+    Items held out whole (cold-start, cold-items) never appear as negatives, so their content is not
+    learned as "not liked" from the training loop (nor touched by it at all). Every item: the count,
+    as before."""
     trained = np.unique(data.train["item_idx"].to_numpy())
-    return data.items.n if len(trained) == data.items.n else torch.as_tensor(trained)
+    return data.items.n if len(trained) == data.items.n else torch.as_tensor(trained, device=device)
 
 
 def new_model(data: LoopData, model_config: dict) -> Recommender:
@@ -248,14 +254,15 @@ def new_model(data: LoopData, model_config: dict) -> Recommender:
 
 
 @torch.no_grad()
-def validate(model: Recommender, data: LoopData, config: dict) -> dict[str, float]:
+def validate(model: Recommender, data: LoopData, config: dict, device: torch.device) -> dict[str, float]:
     """Validation loss and the objective's selection metric (validation MSE, or nDCG@10 ranking every
-    item the user did not rate in training)."""
+    item the user did not rate in training), with the model on `device`."""
     val = data.validation
-    u, i, r = (torch.as_tensor(val[c].to_numpy()) for c in ("user_idx", "item_idx", "rating"))
+    u, i, r = (torch.as_tensor(val[c].to_numpy(), device=device) for c in ("user_idx", "item_idx", "rating"))
     # The same sampled negatives every epoch (implicit objective), so epochs are compared on one
-    # validation set; forking keeps the training random stream as it was.
-    with torch.random.fork_rng(devices=[]):
+    # validation set; forking (the CPU's generator and the device's) keeps the training random
+    # stream as it was.
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
         torch.manual_seed(config["seed"])
         loss = float(_loss(model, u, i, r, config["objective"], config["negatives"], data.items.n))
     if config["objective"] == "rating":
@@ -314,15 +321,16 @@ class WeightAverage:
 
 def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: LoopData, config: dict,
                batches: Callable[[int], Iterable[tuple[torch.Tensor, ...]]],
-               report: Callable[[dict, dict], None], resume: dict | None = None) -> None:
+               report: Callable[[dict, dict], None], device: torch.device, resume: dict | None = None) -> None:
     """The epoch loop: train on `batches(epoch)` (user, item, rating tensors), validate the weight
     average (`ema_decay`; the weights as trained if 0), keep the best under the objective's
     selection metric, and hand `report` each epoch's metrics and a state to resume from (`resume`:
-    such a state)."""
+    such a state, on any device). The model and the batches are on `device`; the best state is
+    kept on the CPU, so that a CPU driver loads it whatever device trained it."""
     core = model.module if hasattr(model, "module") else model  # DDP wraps it
     selection = SELECTION[config["objective"]]
     start, best = 0, {"value": None, "epoch": -1, "state": None}
-    pool = negative_pool(data)
+    pool = negative_pool(data, device)
     averaged = WeightAverage(core, config["ema_decay"]) if config["ema_decay"] else None
     if resume:
         core.load_state_dict(resume["model"])
@@ -345,11 +353,11 @@ def run_epochs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: L
         elapsed = time.perf_counter() - started
         core.eval()
         with averaged.applied() if averaged else contextlib.nullcontext():
-            metrics = {"epoch": epoch, "train_loss": total / max(count, 1), **validate(core, data, config),
+            metrics = {"epoch": epoch, "train_loss": total / max(count, 1), **validate(core, data, config, device),
                        "samples_per_s": count / elapsed}
             if selection.better(metrics[selection.metric], best["value"]):
                 best = {"value": metrics[selection.metric], "epoch": epoch,
-                        "state": {k: v.detach().clone() for k, v in core.state_dict().items()}}
+                        "state": {k: v.detach().to("cpu", copy=True) for k, v in core.state_dict().items()}}
         report(metrics, {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                          "best": best, "average": averaged.state_dict() if averaged else None})
 
@@ -364,14 +372,15 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(config["seed"])
     rank = ray.train.get_context().get_world_rank()
     data: LoopData = ray.get(config["data"])
-    model = ray.train.torch.prepare_model(new_model(data, config["model"]),
+    device = ray.train.torch.get_device()  # the worker's GPU when the trainer reserved one (use_gpus)
+    model = ray.train.torch.prepare_model(new_model(data, config["model"]),  # moves it to `device`
                                           parallel_strategy_kwargs={"broadcast_buffers": False})
     optimizer = make_optimizer(model, config["lr"], config["id_l2"])
     resume = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # resuming after a failure: continue from the last finished epoch
         with checkpoint.as_directory() as folder:
-            resume = torch.load(Path(folder) / "state.pt", weights_only=False)
+            resume = load_state(Path(folder) / "state.pt")
     shard = ray.train.get_dataset_shard("train")
 
     def batches(epoch: int):
@@ -379,7 +388,7 @@ def train_loop_per_worker(config: dict) -> None:
         # per-batch overhead off every optimiser step.
         for block in shard.iter_torch_batches(batch_size=max(config["batch_size"], READ_BATCH),
                                               local_shuffle_buffer_size=4 * READ_BATCH,
-                                              local_shuffle_seed=config["seed"] + epoch):
+                                              local_shuffle_seed=config["seed"] + epoch, device=device):
             for start in range(0, len(block["user_idx"]), config["batch_size"]):
                 yield tuple(block[c][start:start + config["batch_size"]] for c in ("user_idx", "item_idx", "rating"))
 
@@ -392,7 +401,13 @@ def train_loop_per_worker(config: dict) -> None:
                 log_epoch(config.get("mlflow"), metrics)
             ray.train.report(metrics, checkpoint=saved_checkpoint)
 
-    run_epochs(model, optimizer, data, config, batches, report, resume)
+    run_epochs(model, optimizer, data, config, batches, report, device, resume)
+
+
+def load_state(path: Path) -> dict:
+    """A training state saved by `report` (a checkpoint), on the CPU whatever device saved it:
+    resuming puts it on the resumed model's device (`load_state_dict` copies across devices)."""
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def log_epoch(mlflow_target: dict | None, metrics: dict) -> None:
@@ -464,7 +479,7 @@ def fit(cfg: TrainConfig, prepared: Prepared, storage: Path,
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from fusionrec.ray_runtime import cpus_each, ensure_ray
+    from fusionrec.ray_runtime import cpus_each, ensure_ray, use_gpus
 
     data = loop_data(prepared.users, prepared.items, prepared.ratings, prepared.split)
     if cfg.model.model in NO_GRADIENT:
@@ -475,7 +490,8 @@ def fit(cfg: TrainConfig, prepared: Prepared, storage: Path,
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=torch.cuda.is_available(),
+        # With GPUs each worker also reserves one (use_gpu), and trains on it.
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpus(),
                                                resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=f"train-{int(time.time() * 1000)}",
@@ -489,7 +505,7 @@ def fit(cfg: TrainConfig, prepared: Prepared, storage: Path,
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
     with result.checkpoint.as_directory() as folder:
-        saved = torch.load(Path(folder) / "state.pt", weights_only=False)
+        saved = load_state(Path(folder) / "state.pt")
     saved["metrics"] = result.metrics
     model = new_model(data, config["model"])
     model.load_state_dict(saved["best"]["state"])  # includes the `seen` masks

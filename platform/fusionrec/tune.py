@@ -5,9 +5,10 @@
     search(...)               Tuner (ASHA + Optuna TPE, or random) -> leaderboard -> the best trial's
                               model scored on test once -> MLflow (a parent run, a child per trial)
 
-Each trial trains in its own process with `cpus_per_trial` CPUs (no nested Ray Train worker group:
-on a small cluster that would hold a CPU per trial for the driver alone, see STACK.md), so as many
-trials run at once as the cluster has CPUs for. The test part never reaches a trial.
+Each trial trains in its own process with `cpus_per_trial` CPUs, and one GPU on a cluster that has
+GPUs (no nested Ray Train worker group: on a small cluster that would hold a CPU per trial for the
+driver alone, see STACK.md), so as many trials run at once as the cluster has CPUs (and GPUs) for.
+The test part never reaches a trial.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from fusionrec.models.nets import ModelConfig
 from fusionrec.train import (
     LoopData,
     TrainConfig,
+    load_state,
     log_epoch,
     loop_config,
     loop_data,
@@ -183,28 +185,32 @@ def _report_checkpoint(state: dict, extra: dict) -> object:
     return tune.Checkpoint.from_directory(folder)
 
 
-def fit_in_trial(cfg: TrainConfig, data: LoopData, threads: int,
+def fit_in_trial(cfg: TrainConfig, data: LoopData, threads: int, device: torch.device,
                  report: Callable[[dict, dict], None] | None = None) -> tuple[torch.nn.Module, dict]:
-    """Train one configuration in this process (a Tune trial): the epoch loop of train.py over
-    in-memory shuffled batches, resumed from the trial's checkpoint if Tune restored one. Each epoch
-    reports its validation metrics, the best so far (`best_<metric>`, `best_epoch`) and a checkpoint.
-    Returns (the best model on validation, eval mode; the last state)."""
+    """Train one configuration in this process (a Tune trial) on `device` (a trial's is
+    `ray_runtime.assigned_device()`): the epoch loop of train.py over in-memory shuffled batches,
+    resumed from the trial's checkpoint if Tune restored one. Each epoch reports its validation
+    metrics, the best so far (`best_<metric>`, `best_epoch`) and a checkpoint. Returns (the best
+    model on validation, eval mode, on `device`; the last state)."""
     from ray import tune
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     config = loop_config(cfg, data, threads)
-    model = new_model(data, config["model"])
+    model = new_model(data, config["model"]).to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.id_l2)
     resume = None
     checkpoint = tune.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            resume = torch.load(Path(folder) / "state.pt", weights_only=False)
-    users, items, ratings = (torch.as_tensor(data.train[c].to_numpy()) for c in ("user_idx", "item_idx", "rating"))
+            resume = load_state(Path(folder) / "state.pt")
+    users, items, ratings = (torch.as_tensor(data.train[c].to_numpy(), device=device)
+                             for c in ("user_idx", "item_idx", "rating"))
 
     def batches(epoch: int):
-        order = torch.randperm(len(users), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        # Shuffled on the CPU, so the order is the same on every device.
+        shuffle = torch.Generator().manual_seed(cfg.seed + epoch)
+        order = torch.randperm(len(users), generator=shuffle, device="cpu").to(device)
         for start in range(0, len(order), cfg.batch_size):
             batch = order[start:start + cfg.batch_size]
             yield users[batch], items[batch], ratings[batch]
@@ -218,7 +224,7 @@ def fit_in_trial(cfg: TrainConfig, data: LoopData, threads: int,
         if report:
             report(metrics, state)
 
-    run_epochs(model, optimizer, data, config, batches, on_epoch, resume)
+    run_epochs(model, optimizer, data, config, batches, on_epoch, device, resume)
     model.load_state_dict(last["best"]["state"])
     return model.eval(), last
 
@@ -228,6 +234,7 @@ def run_trial(sampled: dict, data: LoopData, base: dict, threads: int, mlflow_ta
     from mlflow import MlflowClient
     from ray import tune
 
+    from fusionrec.ray_runtime import assigned_device
     from fusionrec.train import config_params
 
     cfg = TrainConfig.from_dict(with_settings(base, sampled))
@@ -236,7 +243,7 @@ def run_trial(sampled: dict, data: LoopData, base: dict, threads: int, mlflow_ta
     checkpoint = tune.get_checkpoint()
     if checkpoint:  # resumed: keep logging to the trial's run
         with checkpoint.as_directory() as folder:
-            run_id = torch.load(Path(folder) / "state.pt", weights_only=False)["run_id"]
+            run_id = load_state(Path(folder) / "state.pt")["run_id"]
     else:
         run = client.create_run(mlflow_target["experiment_id"], run_name=trial_id, tags={
             **mlflow_target["tags"], "mlflow.parentRunId": mlflow_target["parent"], "fusionrec.trial_id": trial_id})
@@ -248,7 +255,7 @@ def run_trial(sampled: dict, data: LoopData, base: dict, threads: int, mlflow_ta
         log_epoch({"uri": mlflow_target["uri"], "run_id": run_id}, metrics)
         tune.report({**metrics, "mlflow_run_id": run_id}, checkpoint=_report_checkpoint(state, {"run_id": run_id}))
 
-    fit_in_trial(cfg, data, threads, report)
+    fit_in_trial(cfg, data, threads, assigned_device(), report)
 
 
 def _param(key: str, value):
@@ -373,7 +380,7 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
     from ray.tune.search.optuna import OptunaSearch
 
     from fusionrec import registry
-    from fusionrec.ray_runtime import cluster_cpus, ensure_ray
+    from fusionrec.ray_runtime import concurrent_trials, ensure_ray, trial_resources
     from fusionrec.train import as_test_metrics, log_trained_model, prepare, run_identity, score_test
 
     if search_alg not in SEARCHES:
@@ -395,7 +402,7 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
 
     experiment_id = registry.setup()
     ensure_ray()
-    concurrency = max_concurrent or max(1, int(cluster_cpus() // cpus_per_trial))
+    concurrency = max_concurrent or concurrent_trials(cpus_per_trial)
     threads = max(1, int(cpus_per_trial))
     record = folder / "fusionrec-search.json"
     if resume:
@@ -413,7 +420,7 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
     data = loop_data(prepared.users, prepared.items, prepared.ratings, prepared.split)  # no test rows
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=data, base=base, threads=threads, mlflow_target=target),
-        {"cpu": cpus_per_trial})
+        trial_resources(cpus_per_trial))
     quiet_tune()
     callback = TrialProgress(trials, _describe_trial(selection.metric, epochs)) if progress else None
     run_config = tune.RunConfig(name=folder.name, storage_path=str(folder.parent), verbose=0,
@@ -456,7 +463,7 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
 
     # The choice is made: now, and only now, the selected model meets the test part.
     with best_result.checkpoint.as_directory() as checkpoint:
-        state = torch.load(Path(checkpoint) / "state.pt", weights_only=False)
+        state = load_state(Path(checkpoint) / "state.pt")
     best_cfg = TrainConfig.from_dict(best)
     model = new_model(data, loop_config(best_cfg, data, threads)["model"])
     model.load_state_dict(state["best"]["state"])

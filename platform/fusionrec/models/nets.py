@@ -225,7 +225,8 @@ class ContentBank(nn.Module):
         out = {"ids": torch.tensor([self.n], device=self.seen.device)}
         for name in CONTENT:
             width, value = getattr(self, name).shape[1], content.get(name)
-            out[name] = torch.zeros(1, width) if value is None else torch.as_tensor(value).float().view(1, width)
+            out[name] = (torch.zeros(1, width, device=self.seen.device) if value is None
+                         else torch.as_tensor(value, device=self.seen.device).float().view(1, width))
         return out
 
 
@@ -242,6 +243,11 @@ class Recommender(nn.Module):
         self.users.mark_seen(users)
         self.items.mark_seen(items)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model is: its content matrices are buffers, moved along by `.to()`."""
+        return self.users.seen.device
+
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return self.score(self.users.gather(users), self.items.gather(items))
 
@@ -251,7 +257,7 @@ class Recommender(nn.Module):
     @torch.no_grad()
     def score_all(self, user: int) -> torch.Tensor:
         """[n_items] scores of every item for user row `user`."""
-        return self.score_all_for(self.users.gather(torch.tensor([user], device=self.users.seen.device)))
+        return self.score_all_for(self.users.gather(torch.tensor([user], device=self.device)))
 
     @torch.no_grad()
     def score_all_for(self, user: dict[str, torch.Tensor]) -> torch.Tensor:
