@@ -40,7 +40,7 @@ def test_tables_masks_and_metadata(shop, tiny_models, tmp_path):
     users = pd.read_parquet(shop / "users.parquet")
     frame, meta = read_features(feature_path(out, "users", "image"))
     assert meta == {"encoder": "tiny-vit", "model": str(tiny_models["vit"]), "kind": "image", "dim": 32,
-                    "pooling": "cls", "image_size": None}
+                    "pooling": "cls", "precision": "fp32", "image_size": None}
     assert frame["id"].tolist() == users["user_id"].tolist()
     matrix = embedding_matrix(frame)
     assert matrix.shape == (60, 32) and matrix.dtype == np.float32
@@ -64,25 +64,41 @@ def test_an_image_column_empty_everywhere_needs_no_image_model(shop, tiny_models
     assert not feature_path(out, "users", "image").exists()
 
 
-def test_incremental_reencodes_exactly_the_changed_row(shop, tiny_models, tmp_path):
+@pytest.fixture
+def no_image_read_here(monkeypatch):
+    """The driver (this process) must not open an image file: Ray tasks hash and decode them."""
+    import pathlib
+
+    import PIL.Image
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the driver read an image")
+
+    monkeypatch.setattr(pathlib.Path, "read_bytes", refuse)
+    monkeypatch.setattr(PIL.Image, "open", refuse)
+
+
+def test_incremental_reencodes_exactly_the_changed_row(shop, tiny_models, tmp_path, no_image_read_here):
+    # as `fusionrec encode` loads it: the images are checked where they are decoded, in Ray
     out, cfg = tmp_path / "features", config(tiny_models, tmp_path)
-    encode_dataset(load_dataset(shop), out, cfg)
+    encode_dataset(load_dataset(shop, check_images=False), out, cfg)
     before, _ = read_features(feature_path(out, "items", "text"))
-    again = encode_dataset(load_dataset(shop), out, cfg)
+    again = encode_dataset(load_dataset(shop, check_images=False), out, cfg)
     assert [r.encoded for r in again] == [0, 0, 0, 0]
     assert again[1].line() == "items.text: 0 of 40 re-encoded"
 
     items = pd.read_parquet(shop / "items.parquet")
     items.loc[5, "description"] = "A completely different description."
     items.to_parquet(shop / "items.parquet", index=False)
-    third = encode_dataset(load_dataset(shop), out, cfg)
+    third = encode_dataset(load_dataset(shop, check_images=False), out, cfg)
     assert [r.encoded for r in third] == [0, 1, 0, 0]
     after, _ = read_features(feature_path(out, "items", "text"))
     changed = ~np.isclose(embedding_matrix(before), embedding_matrix(after)).all(axis=1)
     assert changed.tolist() == [k == 5 for k in range(40)]
 
 
-@pytest.mark.parametrize("change", [{"pooling": "mean"}, {"text_chunks": "none"}, {"chunk_pooling": "set"}])
+@pytest.mark.parametrize("change", [{"pooling": "mean"}, {"text_chunks": "none"}, {"chunk_pooling": "set"},
+                                    {"precision": "bf16"}])
 def test_changing_the_encoder_reencodes_everything(shop, tiny_models, tmp_path, change):
     out = tmp_path / "features"
     encode_dataset(load_dataset(shop), out, config(tiny_models, tmp_path))
@@ -91,6 +107,7 @@ def test_changing_the_encoder_reencodes_everything(shop, tiny_models, tmp_path, 
     frame, meta = read_features(feature_path(out, "users", "text"))
     assert meta["chunks"] == change.get("text_chunks", "sentence")
     assert meta["chunk_pooling"] == change.get("chunk_pooling", "mean")
+    assert meta["precision"] == change.get("precision", "fp32")
     size = SET_SIZE if change.get("chunk_pooling") == "set" else 1
     assert meta.get("set_size", 1) == size and embedding_matrix(frame).shape == (60, 32 * size) == (60, meta["dim"])
     dataset = load_dataset(shop)
@@ -148,15 +165,17 @@ def test_the_tables_are_replaced_as_one_set(shop, tiny_models, tmp_path, monkeyp
 
     from fusionrec.encoders import pipeline
 
-    written = []
+    opened = []
 
-    def write_then_fail(table, where):  # the disk fills up after the first table
-        if written:
-            raise OSError("No space left on device")
-        written.append(where)
-        pq.write_table(table, where)
+    class FillsUpAfterOneTable(pq.ParquetWriter):  # the disk fills up while the second table is written
+        def write_table(self, table, *args, **kwargs):
+            if self not in opened and len(opened) == 1:
+                raise OSError("No space left on device")
+            if self not in opened:
+                opened.append(self)
+            super().write_table(table, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline.pq, "write_table", write_then_fail)
+    monkeypatch.setattr(pipeline.pq, "ParquetWriter", FillsUpAfterOneTable)
     with pytest.raises(OSError, match="No space left"):
         encode_dataset(load_dataset(shop), out, cfg)
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before  # old set intact, no temp files

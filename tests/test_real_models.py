@@ -53,6 +53,19 @@ def test_real_image_encoder_mirror_is_closer_than_another_product(cache, tiny_sh
     assert cosine(out[0], out[1]) > cosine(out[0], out[2])
 
 
+def test_bf16_embeddings_point_where_fp32_ones_do(cache, tiny_shop):
+    """bf16 (the default on CUDA) against fp32, both on the CPU: every embedding's cosine >= 0.999."""
+    items = pd.read_parquet(tiny_shop / "items.parquet").iloc[:6]
+    model = resolve_model(DEFAULT_TEXT_MODEL, cache)
+    texts = list(items["description"])
+    full, half = (TextEncoder(model, chunks="sentence", precision=p).encode(texts) for p in ("fp32", "bf16"))
+    assert min(cosine(a, b) for a, b in zip(full, half, strict=True)) >= 0.999
+    pictures = [Image.open(tiny_shop / p) for p in items["image"]]
+    model = resolve_model(DEFAULT_IMAGE_MODEL, cache)
+    full, half = (ImageEncoder(model, precision=p).encode(pictures) for p in ("fp32", "bf16"))
+    assert min(cosine(a, b) for a, b in zip(full, half, strict=True)) >= 0.999
+
+
 def test_cli_prepare_and_encode_with_real_models(cache, tmp_path, local_ray):
     result = runner.invoke(app, ["models", "prepare", "--cache", str(cache)])
     assert result.exit_code == 0, result.output

@@ -181,6 +181,16 @@ def models_prepare(cache: CacheOption = None) -> None:
                f"{report.max_abs_diff:.1e} (limit {PARITY_TOLERANCE:g})")
 
 
+def _gpus(value: str) -> float | None:
+    """--gpus-per-actor: None for auto, else a number of GPUs."""
+    if value == "auto":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"--gpus-per-actor must be auto or a number, got {value!r}") from None
+
+
 @app.command("encode")
 @friendly_errors
 def encode(
@@ -196,9 +206,12 @@ def encode(
     chunk_pooling: Annotated[str, typer.Option(help="How sentence vectors are pooled: mean, max, or set "
                                                          "(kept side by side for the model to attend over).")]
     = "mean",
-    batch_size: Annotated[int, typer.Option(help="Rows per encoder batch.")] = 32,
-    actors: Annotated[int, typer.Option(help="Encoder actors in the Ray Data actor pool.")] = 2,
-    gpus_per_actor: Annotated[float, typer.Option(help="GPUs per actor (0: CPU).")] = 0.0,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per forward-pass call (default: on a GPU 1024 "
+                                                        "texts or 256 images, on the CPU 32).")] = None,
+    actors: Annotated[int, typer.Option(help="CPU encoder actors (with GPUs: one actor per GPU).")] = 2,
+    gpus_per_actor: Annotated[str, typer.Option(help="GPUs per encoder actor: auto (1 when the Ray cluster has "
+                                                     "GPUs, else CPU actors), 0 (CPU) or a number.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 on a GPU, fp32 on the CPU), fp32 or bf16.")] = "auto",
     image_size: Annotated[int | None, typer.Option(help="Resize images to this side (default: the model's).")]
     = None,
     strict: Annotated[bool, typer.Option(help="Fail on an undecodable image instead of skipping it.")] = False,
@@ -213,12 +226,12 @@ def encode(
     logging.disable_progress_bar()
     config = EncodeConfig(cache=default_cache(cache), text_model=text_model, image_model=image_model,
                           pooling=pooling, text_chunks=text_chunks, chunk_pooling=chunk_pooling,
-                          batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
-                          image_size=image_size, strict=strict)
+                          batch_size=batch_size, actors=actors, gpus_per_actor=_gpus(gpus_per_actor),
+                          precision=precision, image_size=image_size, strict=strict)
     config.check()
     # Images are checked by the encoder itself: an undecodable one is skipped (or fatal with --strict).
     data = load_dataset(dataset, check_images=False)
-    for report in encode_dataset(data, out, config):
+    for report in encode_dataset(data, out, config, on_plan=lambda pool: typer.echo(pool.line())):
         for failure in report.failed:
             typer.echo(f"skipped {failure}", err=True)
         typer.echo(report.line())

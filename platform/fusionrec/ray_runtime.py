@@ -11,7 +11,12 @@ if TYPE_CHECKING:
     import torch
 
 
-LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2  # Ray's default reserves ~30 % of memory: cap it on small machines
+def local_object_store_bytes() -> int:
+    """A local Ray's object store: a tenth of the machine's memory, between 512 MiB and 16 GiB.
+    Ray's default (~30 %) crowds a small machine; a fixed 512 MiB throttles a big one, where the
+    encode pipeline keeps many blocks of pictures in flight (Ray Data budgets half the store)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(min(max(512 * 1024**2, total // 10), 16 * 1024**3))
 
 
 def default_auth_mode() -> str:
@@ -36,7 +41,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         # address="local": a new local Ray even when `ray start` left a cluster running on this
         # machine (ray.init() would join that one, and refuse num_cpus for it).
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 object_store_memory=LOCAL_OBJECT_STORE_BYTES, log_to_driver=False)
+                 object_store_memory=local_object_store_bytes(), log_to_driver=False)
     quiet_ray_libraries()
 
 
@@ -71,11 +76,12 @@ def concurrent_trials(cpus: float) -> int:
 
 def assigned_device() -> torch.device:
     """The torch device of the GPU that Ray assigned this worker process (Ray makes it the only
-    visible one), or the CPU if it assigned none, whatever else the machine has."""
+    visible one), or the CPU if it assigned none, whatever else the machine has. Outside Ray (a
+    test calling an actor's class directly) the CPU: ray.get_gpu_ids() would start a Ray there."""
     import ray
     import torch
 
-    return torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+    return torch.device("cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu")
 
 
 def cpus_each(n: int) -> int:

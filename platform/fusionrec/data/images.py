@@ -34,9 +34,9 @@ def resolve_image_path(root: Path, value: str) -> Path:
     return path
 
 
-def open_image(path: Path | BinaryIO) -> Image.Image:
+def open_image(path: Path | BinaryIO, name: str | None = None) -> Image.Image:
     """Open and fully decode an image (a file, or bytes in a file object) as RGB, refusing anything
-    over MAX_IMAGE_PIXELS before decoding."""
+    over MAX_IMAGE_PIXELS before decoding. `name`: what an error calls it (default: the file's name)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -54,6 +54,6 @@ def open_image(path: Path | BinaryIO) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageProblem(f"refused as a possible decompression bomb: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt files
-        name = path.name if isinstance(path, Path) else "data"
+        name = name or (path.name if isinstance(path, Path) else "data")
         reason = "not a recognised image format" if isinstance(exc, UnidentifiedImageError) else str(exc)
         raise ImageProblem(f"undecodable image {name}: {reason}".splitlines()[0]) from exc

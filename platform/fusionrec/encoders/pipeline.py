@@ -1,31 +1,37 @@
 """`fusionrec encode`: a Ray Data pipeline from a dataset's text and images to feature tables.
 
-    read rows -> map_batches(EncodeBatch, actor pool, num_gpus per actor) -> FEATURES/{side}.{kind}.parquet
+    rows -> CPU tasks (hash, decode/resize or tokenise) -> actor pool (forward passes) -> tables
 
-One table per side (users, items) and kind (text, image): `id`, `content_hash` (sha256 of the
-text or of the image file), `embedding` (float32[dim]), `mask` (1 = encoded, 0 = no content),
-with the encoder's name, model, dim and pooling (and, for text, how it was chunked; a sentence set
-also records `set_size`, and its `dim` is set_size x the model's width) in the Parquet metadata.
-Missing text or images become a zero vector with mask 0. Incremental: a row whose hash
-(and encoder) is unchanged keeps its embedding; only new or changed rows go through Ray. The
-tables are written as one set, the tables of the dataset's current text and image columns and no
-others (see _write_set).
+(the stages: encoders/batch_inference.py). One table per side (users, items) and kind (text,
+image): `id`, `content_hash` (sha256 of the text or of the image file), `embedding`
+(float32[dim]), `mask` (1 = encoded, 0 = no content), with the encoder's name, model, dim,
+pooling and precision (and, for text, how it was chunked; a sentence set also records
+`set_size`, and its `dim` is set_size x the model's width) in the Parquet metadata. Missing text
+or images become a zero vector with mask 0.
+
+Incremental: when tables made by the same encoder exist, a first distributed pass hashes the
+current contents, and a row whose hash is unchanged keeps its embedding; only new or changed rows
+go through the model. The driver never reads an image: it holds ids, texts and image paths, and
+writes the results into the tables (in the dataset's order) as they stream back, so its memory
+does not grow with the new embeddings (a re-run holds the vectors it keeps from the last tables).
+The tables are written as one set, the tables of the dataset's current text and image columns and
+no others.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fusionrec.data.images import ImageProblem, open_image, resolve_image_path
 from fusionrec.data.io import atomic_file, is_missing
 from fusionrec.data.problems import DataError, Problem
 from fusionrec.data.validate import Dataset
@@ -34,18 +40,28 @@ from fusionrec.encoders.base import (
     DEFAULT_IMAGE_MODEL,
     DEFAULT_TEXT_MODEL,
     POOLINGS,
+    PRECISIONS,
     TEXT_CHUNKS,
-    ImageEncoder,
-    TextEncoder,
     check_choice,
+    image_settings,
     load_pretrained,
     resolve_model,
     set_size,
+)
+from fusionrec.encoders.batch_inference import (
+    ForwardPass,
+    PoolPlan,
+    hash_contents,
+    plan_pool,
+    prepare_images,
+    prepare_texts,
 )
 
 KINDS = ("text", "image")
 SIDES = ("users", "items")
 METADATA_KEY = b"fusionrec"
+WRITE_ROWS = 8192  # rows per Parquet row group as the tables are written
+IMAGE_BLOCK = 64  # pictures per preprocessing task
 
 
 @dataclass(frozen=True)
@@ -56,18 +72,22 @@ class EncodeConfig:
     pooling: str = "cls"
     text_chunks: str = "sentence"  # see encoders/base.py; "none" reads each text whole (the paper's way)
     chunk_pooling: str = "mean"  # or "set": sentence vectors kept for FusionNeuMF to attend over (docs/quality.md)
-    batch_size: int = 32
-    actors: int = 2
-    gpus_per_actor: float = 0.0
+    batch_size: int | None = None  # rows per forward-pass call; None: by device (batch_inference.BATCH_SIZE)
+    actors: int = 2  # CPU actors; with GPUs (gpus_per_actor None) one actor per GPU instead
+    gpus_per_actor: float | None = None  # None: auto (1 when the cluster has GPUs, else CPU actors)
+    precision: str = "auto"  # bf16 on CUDA, fp32 on the CPU; or fp32 / bf16 everywhere
     image_size: int | None = None
     strict: bool = False
 
     def check(self) -> None:
-        if self.batch_size < 1 or self.actors < 1 or self.gpus_per_actor < 0:
-            raise ValueError("--batch-size and --actors must be at least 1, --gpus-per-actor at least 0")
+        if (self.batch_size is not None and self.batch_size < 1) or self.actors < 1:
+            raise ValueError("--batch-size and --actors must be at least 1")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise ValueError("--gpus-per-actor must be auto or at least 0")
         check_choice("pooling", self.pooling, POOLINGS)
         check_choice("--text-chunks", self.text_chunks, TEXT_CHUNKS)
         check_choice("--chunk-pooling", self.chunk_pooling, CHUNK_POOLINGS)
+        check_choice("--precision", self.precision, PRECISIONS)
         if self.image_size is not None and not 14 <= self.image_size <= 1024:
             raise ValueError(f"--image-size must be between 14 and 1024 pixels, got {self.image_size}")
 
@@ -111,65 +131,17 @@ def embedding_matrix(frame: pd.DataFrame) -> np.ndarray:
     return np.stack(frame["embedding"].to_numpy()).astype(np.float32) if len(frame) else np.zeros((0, 0), np.float32)
 
 
-class EncodeBatch:
-    """A Ray Data callable class: each actor loads the encoder once and encodes batches."""
-
-    def __init__(self, kind: str, model: str, name: str, pooling: str, image_size: int | None, threads: int,
-                 chunks: str, chunk_pooling: str):
-        import torch
-
-        torch.set_num_threads(threads)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.kind = kind
-        if kind == "text":
-            self.encoder = TextEncoder(model, pooling=pooling, device=device, name=name, chunks=chunks,
-                                       chunk_pooling=chunk_pooling)
-        else:
-            self.encoder = ImageEncoder(model, pooling=pooling, image_size=image_size, device=device, name=name)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        payloads = list(batch["payload"])
-        errors = np.array([""] * len(payloads), dtype=object)
-        if self.kind == "image":
-            inputs = []
-            for k, path in enumerate(payloads):
-                try:
-                    inputs.append(open_image(Path(path)))
-                except ImageProblem as exc:
-                    errors[k] = str(exc)
-        else:
-            inputs = payloads
-        good = errors == ""
-        embedding = np.zeros((len(payloads), self.encoder.dim), np.float32)
-        if good.any():
-            embedding[good] = self.encoder.encode(inputs)
-        return {"key": batch["key"], "embedding": embedding, "error": errors}
-
-
-def _hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _contents(dataset: Dataset, side: str, kind: str) -> pd.DataFrame | None:
-    """Per row: id, payload (text, or absolute image path), content_hash ('' = no content), problem."""
+    """Per row: id, key ("side/id") and value: the text, or the image path as the dataset gives it
+    (None: no content). Nothing is read or hashed here."""
     spec = dataset.spec.users if side == "users" else dataset.spec.items
     column = spec.text if kind == "text" else spec.image
     if not column:
         return None
     table = dataset.users if side == "users" else dataset.items
-    rows = []
-    for entity_id, value in zip(table[spec.id], table[column], strict=True):
-        if is_missing(value):
-            rows.append((entity_id, None, "", ""))
-        elif kind == "text":
-            rows.append((entity_id, str(value), _hash(str(value).encode()), ""))
-        else:
-            try:
-                path = resolve_image_path(dataset.root, str(value))
-                rows.append((entity_id, str(path), _hash(path.read_bytes()), ""))
-            except ImageProblem as exc:
-                rows.append((entity_id, None, "", str(exc)))
-    return pd.DataFrame(rows, columns=["id", "payload", "content_hash", "problem"])
+    values = [None if is_missing(v) else str(v) for v in table[column]]
+    return pd.DataFrame({"id": table[spec.id].astype(str).to_numpy(), "value": values}).assign(
+        key=lambda f: side + "/" + f["id"])
 
 
 def _previous(path: Path, meta: dict) -> dict[str, tuple[str, np.ndarray]]:
@@ -186,49 +158,98 @@ def _previous(path: Path, meta: dict) -> dict[str, tuple[str, np.ndarray]]:
     return {i: (h, e) for i, h, e in zip(done["id"], done["content_hash"], done["embedding"], strict=True)}
 
 
-def _run_ray(kind: str, todo: pd.DataFrame, model: str, name: str, cfg: EncodeConfig) -> pd.DataFrame:
-    """Encode `todo` (key, payload) on Ray with an actor pool; returns key, embedding, error."""
+def _blocks(rows: pd.DataFrame, size: int):
+    """A Ray dataset of rows (key, value), one block per `size` rows: each block is one
+    preprocessing task, so the tasks spread over every CPU."""
     import ray
-    from tqdm import tqdm
 
-    from fusionrec.ray_runtime import cpus_each, ensure_ray
+    parts = [rows.iloc[start:start + size] for start in range(0, len(rows), size)]
+    return ray.data.from_pandas([part.reset_index(drop=True) for part in parts])
 
-    ensure_ray()
-    batches = -(-len(todo) // cfg.batch_size)
-    actors = min(cfg.actors, batches)
-    threads = cpus_each(actors) if cfg.gpus_per_actor == 0 else 1
-    # One block per batch, so that every actor in the pool gets work.
-    rows = todo[["key", "payload"]].reset_index(drop=True)
-    ds = ray.data.from_pandas([rows.iloc[part] for part in np.array_split(np.arange(len(rows)), batches)])
-    encoded = ds.map_batches(
-        EncodeBatch,
+
+def _reused(kind: str, frame: pd.DataFrame, previous: dict[str, tuple[str, np.ndarray]], root: Path
+            ) -> tuple[list, list]:
+    """Per row: the hash and embedding it keeps from the last tables (None: encode it). Today's
+    contents of the rows the last tables hold are hashed in Ray tasks, where the files are."""
+    hashes, embeddings = [None] * len(frame), [None] * len(frame)
+    known = frame["value"].notna().to_numpy() & frame["id"].isin(previous.keys()).to_numpy()
+    if not known.any():
+        return hashes, embeddings
+    rows = frame[known]
+    ds = _blocks(rows[["key", "value"]], 1024).map_batches(hash_contents, fn_kwargs={"kind": kind, "root": str(root)},
+                                                           batch_size=None, batch_format="numpy")
+    today = {}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        today.update(zip(batch["key"], batch["content_hash"], strict=True))
+    for position, entity_id, key in zip(np.flatnonzero(known), rows["id"], rows["key"], strict=True):
+        old_hash, old_embedding = previous[entity_id]
+        if today[key] == old_hash:
+            hashes[position], embeddings[position] = old_hash, old_embedding
+    return hashes, embeddings
+
+
+def _encode_stream(kind: str, todo: pd.DataFrame, root: Path, model: str, name: str, cfg: EncodeConfig,
+                   pool: PoolPlan) -> Iterable[dict[str, np.ndarray]]:
+    """Result batches (key, content_hash, embedding, error) of `todo`'s rows, roughly in their order."""
+    import ray
+
+    if kind == "image":  # pictures travel already at the side the model reads
+        size = cfg.image_size or image_settings(model, _model_config(model))[0]
+        prepare, kwargs = prepare_images, {"root": str(root), "size": size}
+    else:
+        prepare, kwargs = prepare_texts, {"model": model, "chunks": cfg.text_chunks}
+    batch_size = pool.batch_size[kind]
+    actors = max(1, min(pool.actors, -(-len(todo) // batch_size)))
+    # On a GPU, two calls in flight per actor: one stages its batch while the other's forward runs.
+    overlap = {"max_concurrent_calls_per_actor": 2, "enable_true_multi_threading": True} if pool.gpus_per_actor else {}
+    # Pictures are preprocessed in smaller tasks (a block of 256 is 38 MB at 224 px): more of them
+    # run at once, and the actor's batch is assembled from several.
+    ds = _blocks(todo[["key", "value"]], min(batch_size, IMAGE_BLOCK) if kind == "image" else batch_size).map_batches(
+        prepare, fn_kwargs=kwargs, batch_size=None, batch_format="numpy", num_cpus=1,
+    ).map_batches(
+        ForwardPass,
         fn_constructor_kwargs={"kind": kind, "model": model, "name": name, "pooling": cfg.pooling,
-                               "image_size": cfg.image_size, "threads": threads, "chunks": cfg.text_chunks,
-                               "chunk_pooling": cfg.chunk_pooling},
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=threads if cfg.gpus_per_actor == 0 else 1,
-        num_gpus=cfg.gpus_per_actor or None,
+                               "image_size": cfg.image_size, "chunks": cfg.text_chunks,
+                               "chunk_pooling": cfg.chunk_pooling, "precision": pool.precision,
+                               "threads": pool.threads},
+        batch_size=batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors, **overlap),
+        num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor or None,
     )
-    keys, embeddings, errors = [], [], []
-    with tqdm(total=len(todo), desc=f"encoding {kind}", unit=kind, disable=None) as bar:
-        for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
-            keys.extend(batch["key"])
-            embeddings.extend(batch["embedding"])
-            errors.extend(batch["error"])
-            bar.update(len(batch["key"]))
-    return pd.DataFrame({"key": keys, "embedding": embeddings, "error": errors})
+    return ds.iter_batches(batch_size=None, batch_format="numpy")
+
+
+class _Results:
+    """The result stream, taken a list of keys at a time. Results come back in roughly the order
+    they were sent; the few that overtake others wait here until their rows are written."""
+
+    def __init__(self, batches: Iterable[dict[str, np.ndarray]] | None, on_batch: Callable[[int], None]):
+        self.batches, self.on_batch = iter(batches or ()), on_batch
+        self.pending: dict[str, tuple[str, np.ndarray, str]] = {}  # key -> (content_hash, embedding, error)
+
+    def take(self, keys: list[str]) -> list[tuple[str, np.ndarray, str]]:
+        while any(key not in self.pending for key in keys):
+            batch = next(self.batches)
+            self.pending.update(zip(batch["key"], zip(batch["content_hash"], batch["embedding"], batch["error"],
+                                                      strict=True), strict=True))
+            self.on_batch(len(batch["key"]))
+        return [self.pending.pop(key) for key in keys]
+
+
+def _schema(dim: int, meta: dict) -> pa.Schema:
+    return pa.schema([("id", pa.string()), ("content_hash", pa.string()), ("embedding", pa.list_(pa.float32(), dim)),
+                      ("mask", pa.int8())], metadata={METADATA_KEY: json.dumps(meta).encode()})
 
 
 def _table(frame: pd.DataFrame, dim: int, meta: dict) -> pa.Table:
+    """frame: id, content_hash, embedding (one vector per row), mask."""
     matrix = embedding_matrix(frame) if len(frame) else np.zeros((0, dim), np.float32)
     return pa.table({
         "id": pa.array(frame["id"].astype(str).tolist(), pa.string()),
         "content_hash": pa.array(frame["content_hash"].tolist(), pa.string()),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), pa.float32()), dim),
         "mask": pa.array(frame["mask"].astype(np.int8).to_numpy(), pa.int8()),
-    }).replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
+    }, schema=_schema(dim, meta))
 
 
 def _write(path: Path, frame: pd.DataFrame, dim: int, meta: dict) -> None:
@@ -236,29 +257,55 @@ def _write(path: Path, frame: pd.DataFrame, dim: int, meta: dict) -> None:
         pq.write_table(_table(frame, dim, meta), tmp)
 
 
-def _write_set(out: Path, tables: dict[Path, pa.Table], manifest: dict) -> None:
-    """Replace the feature tables in `out` as one set: every file is written under a temporary name
-    first (a failure removes them all and leaves the old set as it was), then all are renamed; a
-    table this run did not write (its column is gone, or empty everywhere now) is removed, so that
-    none is left stale."""
-    with contextlib.ExitStack() as renames:  # each atomic_file renames on success, cleans up on failure
-        for path, table in tables.items():
-            pq.write_table(table, renames.enter_context(atomic_file(path)))
-        renames.enter_context(atomic_file(out / "features.json")).write_text(json.dumps(manifest, indent=2))
-    for side in SIDES:
-        for kind in KINDS:
-            if feature_path(out, side, kind) not in tables:
-                feature_path(out, side, kind).unlink(missing_ok=True)
+def _write_side(writer: pq.ParquetWriter, frame: pd.DataFrame, results: _Results, dim: int, side: str, kind: str,
+                problems: list[Problem]) -> TableReport:
+    """One side's table in the dataset's order, a chunk at a time: reused rows keep their vectors,
+    sent rows take their results as they come back, the rest are zeros."""
+    report = TableReport(side, kind, len(frame), int(frame["sent"].sum()),
+                         int((frame["value"].isna()).sum()))
+    for start in range(0, len(frame), WRITE_ROWS):
+        part = frame.iloc[start:start + WRITE_ROWS]
+        sent = part["sent"].to_numpy()
+        reused = part["reused_hash"].notna().to_numpy()
+        embedding = np.zeros((len(part), dim), np.float32)
+        hashes = part["reused_hash"].fillna("").to_numpy(object).copy()
+        mask = reused.astype(np.int8)
+        if reused.any():
+            embedding[reused] = np.stack(part["reused_embedding"].to_numpy()[reused])
+        rows = np.flatnonzero(sent)
+        for row, (content_hash, vector, error) in zip(rows, results.take(list(part["key"].to_numpy()[sent])),
+                                                      strict=True):
+            hashes[row] = content_hash
+            if error:
+                entity_id = part["id"].iat[row]
+                report.failed.append(f"{side}: {entity_id}: {error}")
+                problems.append(Problem(f"{side} {kind}", None, str(entity_id), str(error)))
+            else:
+                embedding[row], mask[row] = vector, 1
+        writer.write_table(pa.table({"id": pa.array(part["id"].tolist(), pa.string()),
+                                     "content_hash": pa.array(hashes.tolist(), pa.string()),
+                                     "embedding": pa.FixedSizeListArray.from_arrays(embedding.reshape(-1), dim),
+                                     "mask": pa.array(mask, pa.int8())}, schema=writer.schema))
+    return report
+
+
+def _model_config(model: str):
+    """The model's config: a local folder's config.json read as it is (importing transformers would
+    cost the driver seconds before the first result), else transformers' AutoConfig."""
+    path = Path(model) / "config.json"
+    if path.is_file():
+        return SimpleNamespace(**json.loads(path.read_text()))
+    from transformers import AutoConfig
+
+    return load_pretrained(model, AutoConfig)
 
 
 def _model_meta(kind: str, cfg: EncodeConfig) -> tuple[str, str, dict]:
     alias = cfg.text_model if kind == "text" else cfg.image_model
-    from transformers import AutoConfig
-
     model = resolve_model(alias, cfg.cache)
     name = alias if alias in (DEFAULT_TEXT_MODEL, DEFAULT_IMAGE_MODEL) else Path(alias).name
-    dim = int(load_pretrained(model, AutoConfig).hidden_size)
-    meta = {"encoder": name, "model": model, "kind": kind, "dim": dim, "pooling": cfg.pooling}
+    meta = {"encoder": name, "model": model, "kind": kind, "dim": int(_model_config(model).hidden_size),
+            "pooling": cfg.pooling}
     if kind == "image":
         meta["image_size"] = cfg.image_size
     else:
@@ -269,59 +316,84 @@ def _model_meta(kind: str, cfg: EncodeConfig) -> tuple[str, str, dict]:
     return model, name, meta
 
 
-def encode_dataset(dataset: Dataset, out: Path, cfg: EncodeConfig) -> list[TableReport]:
+@contextlib.contextmanager
+def _removed_if_new_on_failure(out: Path):
+    """A failed run leaves no output folder it created (its files are already gone, not renamed)."""
+    new = not out.exists()
+    try:
+        yield
+    except BaseException:
+        if new and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _pool(cfg: EncodeConfig) -> PoolPlan:
+    import ray
+
+    from fusionrec.ray_runtime import ensure_ray
+
+    ensure_ray()
+    largest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)
+    return plan_pool(ray.cluster_resources(), largest, cfg.actors, cfg.gpus_per_actor, cfg.batch_size, cfg.precision)
+
+
+def encode_dataset(dataset: Dataset, out: Path, cfg: EncodeConfig, on_plan: Callable[[PoolPlan], None] | None = None,
+                   on_batch: Callable[[str, int], None] | None = None) -> list[TableReport]:
     """Encode every text and image column of `dataset` into feature tables under `out`, written as
-    one set: the tables of this dataset's current columns, nothing else."""
+    one set: the tables of this dataset's current columns, nothing else. `on_plan` is told how the
+    model stage will run; `on_batch(kind, rows)` is called as each batch of results arrives
+    (benchmarks/encode.py times them)."""
+    from tqdm import tqdm
+
     cfg.check()
     out = Path(out)
-    # Every model this needs is found (the default ViT prepared on first use) before any work.
-    plans = []
-    for kind in KINDS:
-        sides = {side: _contents(dataset, side, kind) for side in SIDES}
-        sides = {side: frame for side, frame in sides.items() if frame is not None}
-        if not any(frame["payload"].notna().any() or (frame["problem"] != "").any() for frame in sides.values()):
-            continue  # no column of this kind, or one that is empty everywhere: no model, no table
-        plans.append((kind, sides, *_model_meta(kind, cfg)))
+    contents = {kind: {side: frame for side in SIDES if (frame := _contents(dataset, side, kind)) is not None}
+                for kind in KINDS}
+    # No column of a kind, or one empty everywhere: no model, no table.
+    contents = {kind: sides for kind, sides in contents.items()
+                if any(frame["value"].notna().any() for frame in sides.values())}
+    # Every model this needs is found (the default ViT prepared on first use) before Ray starts.
+    models = {kind: _model_meta(kind, cfg) for kind in contents}
+    pool = _pool(cfg) if contents else None
+    if pool and on_plan:
+        on_plan(pool)
+    for _, _, meta in models.values():
+        meta["precision"] = pool.precision  # what the device chose (auto: bf16 on CUDA)
     reports: list[TableReport] = []
-    tables: dict[Path, pa.Table] = {}
     problems: list[Problem] = []
-    for kind, sides, model, name, meta in plans:
-        todo_parts = []
-        for side, frame in sides.items():
-            previous = _previous(feature_path(out, side, kind), meta)
-            reuse = [i in previous and previous[i][0] == h for i, h in zip(frame["id"], frame["content_hash"],
-                                                                             strict=True)]
-            frame["reused"] = reuse
-            frame["key"] = side + "/" + frame["id"].astype(str)
-            todo_parts.append(frame[~frame["reused"] & frame["payload"].notna()])
-            frame["embedding"] = [previous[i][1] if r else None for i, r in zip(frame["id"], reuse, strict=True)]
-        todo = pd.concat(todo_parts, ignore_index=True)
-        results = _run_ray(kind, todo, model, name, cfg).set_index("key") if len(todo) else None
-        for side, frame in sides.items():
-            zero = np.zeros(meta["dim"], np.float32)
-            failed = []
-            embeddings, masks = [], []
-            for row in frame.itertuples():
-                if row.reused:
-                    embeddings.append(row.embedding)
-                    masks.append(1)
-                    continue
-                sent = pd.notna(row.payload)  # no payload: no content, or a path problem found here
-                error = results.at[row.key, "error"] if sent else row.problem
-                if error:
-                    failed.append(f"{side}: {row.id}: {error}")
-                    problems.append(Problem(f"{side} {kind}", None, str(row.id), error))
-                ok = sent and not error
-                embeddings.append(results.at[row.key, "embedding"] if ok else zero)
-                masks.append(int(ok))
-            frame["embedding"], frame["mask"] = embeddings, masks
-            encoded = int((~frame["reused"] & frame["payload"].notna()).sum())
-            missing = int((frame["payload"].isna() & (frame["problem"] == "")).sum())
-            reports.append(TableReport(side, kind, len(frame), encoded, missing, failed))
-            tables[feature_path(out, side, kind)] = _table(frame, meta["dim"], meta)
-    if cfg.strict and problems:
-        raise DataError(problems)
-    manifest = {"dataset": str(dataset.root), "config": {k: str(v) for k, v in asdict(cfg).items()},
-                "tables": [r.__dict__ | {"failed": len(r.failed)} for r in reports]}
-    _write_set(out, tables, manifest)
+    # Each atomic_file renames its table on success and removes it on failure.
+    with _removed_if_new_on_failure(out), contextlib.ExitStack() as files:
+        written = []
+        for kind, sides in contents.items():
+            model, name, meta = models[kind]
+            for side, frame in sides.items():
+                previous = _previous(feature_path(out, side, kind), meta)
+                frame["reused_hash"], frame["reused_embedding"] = _reused(kind, frame, previous, dataset.root)
+                frame["sent"] = frame["value"].notna() & frame["reused_hash"].isna()
+            todo = pd.concat([frame[frame["sent"]] for frame in sides.values()], ignore_index=True)
+            with tqdm(total=len(todo), desc=f"encoding {kind}", unit=kind, disable=None) as bar:
+                def arrived(n: int, kind=kind, bar=bar) -> None:
+                    bar.update(n)
+                    if on_batch:
+                        on_batch(kind, n)
+
+                stream = _encode_stream(kind, todo, dataset.root, model, name, cfg, pool) if len(todo) else None
+                results = _Results(stream, arrived)
+                for side, frame in sides.items():
+                    path = feature_path(out, side, kind)
+                    writer = files.enter_context(pq.ParquetWriter(files.enter_context(atomic_file(path)),
+                                                                  _schema(meta["dim"], meta)))
+                    reports.append(_write_side(writer, frame, results, meta["dim"], side, kind, problems))
+                    written.append(path)
+        if cfg.strict and problems:
+            raise DataError(problems)
+        manifest = {"dataset": str(dataset.root), "config": {k: str(v) for k, v in asdict(cfg).items()},
+                    "pool": asdict(pool) if pool else None,
+                    "tables": [r.__dict__ | {"failed": len(r.failed)} for r in reports]}
+        files.enter_context(atomic_file(out / "features.json")).write_text(json.dumps(manifest, indent=2))
+    for side in SIDES:  # a table this run did not write (its column is gone, or empty everywhere now) goes
+        for kind in KINDS:
+            if feature_path(out, side, kind) not in written:
+                feature_path(out, side, kind).unlink(missing_ok=True)
     return reports

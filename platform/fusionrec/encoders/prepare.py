@@ -119,12 +119,17 @@ def _onnx_backbone(model):
     return Extractor(infer_shapes(model)).extract_model(["input_image"], [BACKBONE_OUTPUT])
 
 
-def pixels(image, size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
-    """An RGB PIL image as a normalised [3, size, size] float32 array (bicubic resize, no crop)."""
+def resized_rgb(image, size: int) -> np.ndarray:
+    """An image as uint8 RGB [size, size, 3] (bicubic resize, no crop): what crosses the pipeline
+    to the model, a quarter of the float pixels' size; the model normalises it on its device."""
     from PIL import Image
 
-    resized = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-    array = np.asarray(resized, dtype=np.float32) / 255.0
+    return np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
+
+
+def pixels(image, size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """An RGB PIL image as a normalised [3, size, size] float32 array (bicubic resize, no crop)."""
+    array = resized_rgb(image, size).astype(np.float32) / 255.0
     return ((array - np.array(mean, np.float32)) / np.array(std, np.float32)).transpose(2, 0, 1)
 
 
