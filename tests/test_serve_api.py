@@ -88,6 +88,9 @@ def test_predict_and_recommend_for_a_known_user(service):
     predicted = post(service, "/predict", {"user_id": user, "item_ids": [i["item_id"] for i in every]}).json()
     assert np.allclose([p["rating"] for p in predicted["predictions"]],
                        np.clip([i["score"] for i in every], 1, 5), atol=1e-4)
+    # ranked by the raw score; each rating is on the 1-5 scale and is what /predict answers
+    assert np.allclose([i["rating"] for i in every], [p["rating"] for p in predicted["predictions"]], atol=1e-4)
+    assert all(1 <= i["rating"] <= 5 for i in every)
 
 
 def test_recommend_for_a_new_user_from_text_image_or_attributes(service):

@@ -107,7 +107,12 @@ class PredictResponse(BaseModel):
 
 class Recommendation(BaseModel):
     item_id: str
-    score: float
+    score: float = Field(description="The model's raw score, by which the list is ranked, best first. Under the "
+                                     "rating objective it is the predicted rating before clipping, so it may lie "
+                                     "outside the rating scale.")
+    rating: float | None = Field(description="The predicted rating on the dataset's scale: the score clipped to "
+                                             "it, as /predict answers. null for a model trained on implicit "
+                                             "feedback, whose scores are logits.")
 
 
 class RecommendResponse(BaseModel):

@@ -89,8 +89,13 @@ class LoadedModel:
         return self.users[user_id]
 
     def top(self, scores: np.ndarray, k: int) -> dict:
+        """Ranked by the raw score; each item's rating is that score on the dataset's scale (clipped
+        to it, as /predict answers), None under the implicit objective (scores are logits there)."""
         top = top_k(scores, min(k, int(np.isfinite(scores).sum())))  # never an excluded (-inf) item
-        return {"items": [{"item_id": str(self.item_ids[i]), "score": float(scores[i])} for i in top],
+        ratings = np.clip(scores[top], *self.scale) if self.scale else [None] * len(top)
+        return {"items": [{"item_id": str(self.item_ids[i]), "score": float(scores[i]),
+                           "rating": None if rating is None else float(rating)}
+                          for i, rating in zip(top, ratings, strict=True)],
                 "model_version": self.ref.version}
 
 
