@@ -172,3 +172,25 @@ def free_port():
     from fusionrec.cluster import free_port
 
     return free_port
+
+
+@pytest.fixture(scope="module")
+def registered(served_bundles, tmp_path_factory):
+    """An MLflow store with the two bundles registered: version 1 (fusion, champion), version 2 (svd)."""
+    import mlflow
+
+    from fusionrec import registry
+
+    home = tmp_path_factory.mktemp("serve-home")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("FUSIONREC_HOME", str(home))
+    patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    registry.setup()
+    identity = {"data": "d", "features": "f", "split": "random", "seed": 0, "objective": "rating"}
+    for name, val_mse in (("fusion", 1.0), ("svd", 2.0)):
+        with mlflow.start_run() as run:
+            mlflow.set_tags(registry.identity_tags(identity, "val_mse", "min"))
+            mlflow.log_metric("val_mse", val_mse)
+            registry.register(registry.log_bundle(served_bundles[name]), run.info.run_id)
+    yield home
+    patch.undo()

@@ -120,7 +120,7 @@ def test_drift_from_serve_config(tree):
     """serve/config.yaml edited without `fusionrec k8s render`: the base and both overlays are stale."""
     edit(tree / "serve.yaml", RANKER_SCALING, RANKER_SCALING.replace("3", "5"))
     assert problems(tree) == [
-        f"{tree / 'k8s' / file}: RayService/fusionrec: spec.serveConfigV2.applications[0].deployments[2]"
+        f"{tree / 'k8s' / file}: RayService/fusionrec: spec.serveConfigV2.applications[0].deployments[1]"
         f".autoscaling_config.max_replicas: differs from {tree / 'serve.yaml'} (3 here, 5 rendered): "
         "run `fusionrec k8s render`"
         for file in ("base/rayservice.yaml", "overlays/dev/kustomization.yaml", "overlays/prod/kustomization.yaml")]
@@ -137,16 +137,16 @@ def test_drift_in_the_manifest(tree):
 
 
 @pytest.mark.parametrize("old, new, expected", [
-    ("name: Ranker", "name: Rankr", "spec.serveConfigV2.applications[0].deployments[2].name: unknown deployment "
-                                    "'Rankr': application fusionrec.serve.app:build has Ingress, Encoder, Ranker"),
-    (RANKER_SCALING, RANKER_SCALING.replace("1", "4"), "spec.serveConfigV2.applications[0].deployments[2]"
+    ("name: Ranker", "name: Rankr", "spec.serveConfigV2.applications[0].deployments[1].name: unknown deployment "
+                                    "'Rankr': application fusionrec.serve.app:build has Ranker, Encoder"),
+    (RANKER_SCALING, RANKER_SCALING.replace("1", "4"), "spec.serveConfigV2.applications[0].deployments[1]"
                                                        ".autoscaling_config: Value error, max_replicas (3) must be "
                                                        "greater than or equal to min_replicas (4)!"),
-    ("upscale_delay_s: 1", "upscale_delay: 1", "spec.serveConfigV2.applications[0].deployments[2]"
+    ("upscale_delay_s: 1", "upscale_delay: 1", "spec.serveConfigV2.applications[0].deployments[1]"
                                                ".autoscaling_config.upscale_delay: unknown field "
                                                "(did you mean 'upscale_delay_s'?)"),
     ("max_ongoing_requests: 32", "max_ongoing_requests: lots",
-     "spec.serveConfigV2.applications[0].deployments[2].max_ongoing_requests: Input should be a valid integer, "
+     "spec.serveConfigV2.applications[0].deployments[1].max_ongoing_requests: Input should be a valid integer, "
      "unable to parse string as an integer"),
 ], ids=["unknown-deployment", "bad-autoscaling", "misspelt-autoscaling", "serve-schema"])
 def test_bad_serve_config(tree, old, new, expected):

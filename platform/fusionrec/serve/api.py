@@ -1,8 +1,9 @@
 """The HTTP API, one FastAPI app over a backend that ranks, encodes and describes the model.
 
-Two backends: Ray Serve deployment handles (serve/app.py) and plain in-process objects
-(`LocalBackend`, for `fusionrec serve --plain` and as the benchmark's baseline). The routes, the
-request schemas and every error are the same for both.
+Two backends: plain in-process objects (`LocalBackend`, for `fusionrec serve --plain` and as the
+benchmark's baseline) and, in a Ray Serve Ranker replica, the same with the encoder behind a
+deployment handle (serve/app.py). The routes, the request schemas and every error are the same
+for both.
 
     POST /predict    {"user_id", "item_ids"}                       -> {"predictions", "model_version"}
     POST /recommend  {"user_id", "k", "exclude_seen"} or {"user": {"text", "image", "attributes"}, "k"}

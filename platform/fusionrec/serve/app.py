@@ -1,8 +1,10 @@
-"""The Ray Serve application: Ingress (FastAPI) -> Encoder (cold-start payloads) -> Ranker (@serve.batch).
+"""The Ray Serve application: the Ranker answers HTTP itself; the Encoder only for new users' content.
 
-    Ingress   the HTTP API of serve/api.py over deployment handles
-    Encoder   text/image of new users, with the encoders the model's features were made with
-    Ranker    the model (models:/fusionrec@champion by default, following the alias), batched
+    Ranker    the HTTP API of serve/api.py and the model (models:/fusionrec@champion by default,
+              following the alias): known users' /recommend and /predict, about 90 % of traffic,
+              are answered here, one hop from the proxy
+    Encoder   text/image of new users, with the encoders the model's features were made with,
+              called through a deployment handle only when a new user sends text or an image
 
 Each deployment autoscales by its `autoscaling_config` in serve/config.yaml. Start it with
 `fusionrec serve [--config serve/config.yaml]` (a local Ray, or RAY_ADDRESS) or, on a running
@@ -20,35 +22,16 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from fusionrec.registry import CHAMPION_URI
-from fusionrec.serve.api import build_api
+from fusionrec.serve.api import LocalBackend, build_api
 
 APP_NAME = "fusionrec"
-DEPLOYMENTS = ("Ingress", "Encoder", "Ranker")
+DEPLOYMENTS = ("Ranker", "Encoder")
 
 
 def _torch_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-
-
-@serve.deployment(name="Ranker", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
-class RankerDeployment:
-    def __init__(self, model_uri: str, refresh_s: float, tracking_uri: str | None, threads: int = 1):
-        if tracking_uri:  # the driver's MLflow store, whatever this replica's environment says
-            os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-        _torch_threads(threads)
-        from fusionrec.serve.ranker import Ranker
-
-        self.ranker = Ranker(model_uri, refresh_s)
-        self.ranker.follow_alias()
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def rank(self, calls: list[dict]) -> list[dict]:
-        return [self.ranker.answer(call) for call in calls]
-
-    def info(self) -> dict:
-        return self.ranker.info()
 
 
 @serve.deployment(name="Encoder", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8)
@@ -68,21 +51,15 @@ class EncoderDeployment:
 
 async def _once_more_if_replica_died(method, *args):
     """Every call here is read-only, so a call lost with a dying replica is safely sent again
-    (the router picks a live one): a replica crash costs latency, not failed requests."""
+    (the router picks a live one): an encoder replica's crash costs latency, not failed requests."""
     try:
         return await method.remote(*args)
     except RayActorError:
         return await method.remote(*args)
 
 
-class HandleBackend:
-    """serve/api.py's Backend over deployment handles."""
-
-    def __init__(self, encoder: DeploymentHandle, ranker: DeploymentHandle):
-        self.encoder, self.ranker = encoder, ranker
-
-    async def rank(self, call: dict) -> dict:
-        return await _once_more_if_replica_died(self.ranker.rank, call)
+class RemoteEncoderBackend(LocalBackend):
+    """serve/api.py's Backend in a Ranker replica: ranking in this process, `encoder` a deployment handle."""
 
     async def encode(self, encoders: dict, text: str | None, image: bytes | None) -> dict:
         return await _once_more_if_replica_died(self.encoder.encode, encoders, text, image)
@@ -90,18 +67,26 @@ class HandleBackend:
     async def ready(self, encoders: dict) -> str | None:
         return await _once_more_if_replica_died(self.encoder.ready, encoders)
 
-    async def info(self) -> dict:
-        return await _once_more_if_replica_died(self.ranker.info)
 
-
-@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+@serve.deployment(name="Ranker", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
 @serve.ingress()
-class Ingress:
-    def __init__(self, encoder: DeploymentHandle, ranker: DeploymentHandle):
-        self.backend = HandleBackend(encoder, ranker)
+class RankerDeployment:
+    def __init__(self, encoder: DeploymentHandle, model_uri: str, refresh_s: float, tracking_uri: str | None,
+                 threads: int = 1):
+        if tracking_uri:  # the driver's MLflow store, whatever this replica's environment says
+            os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+        _torch_threads(threads)
+        from fusionrec.serve.ranker import Ranker
+
+        self.ranker = Ranker(model_uri, refresh_s)
+        self.ranker.follow_alias()
+        self.backend = RemoteEncoderBackend(self.ranker, encoder)
 
     def __serve_build_asgi_app__(self):
         return build_api(self.backend)
+
+    def info(self) -> dict:
+        return self.ranker.info()
 
 
 def build(args: dict) -> serve.Application:
@@ -118,11 +103,10 @@ def application(args: dict, options: dict[str, dict] | None = None) -> serve.App
 
     options = options or {}
     threads = int(args.get("threads", 1))
-    ranker = RankerDeployment.options(**options.get("Ranker", {})).bind(
-        str(args.get("model_uri", CHAMPION_URI)), float(args.get("refresh_s", 5.0)),
-        args.get("tracking_uri") or registry.tracking_uri(), threads)
     encoder = EncoderDeployment.options(**options.get("Encoder", {})).bind(args.get("cache"), threads)
-    return Ingress.options(**options.get("Ingress", {})).bind(encoder, ranker)
+    return RankerDeployment.options(**options.get("Ranker", {})).bind(
+        encoder, str(args.get("model_uri", CHAMPION_URI)), float(args.get("refresh_s", 5.0)),
+        args.get("tracking_uri") or registry.tracking_uri(), threads)
 
 
 def read_config(path: Path | None) -> dict:

@@ -1,0 +1,109 @@
+"""Autoscaling as shipped: `fusionrec serve` with serve/config.yaml in its own process on the
+session's Ray, open-loop load at a fixed arrival rate from another process. The ranker goes from
+its minimum to two or more replicas under load and back when the load stops; every request is
+answered through the scale-out and the scale-in, and a killed replica costs only the requests it
+was holding."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.integration]
+
+CONFIG = Path("serve/config.yaml")
+RATE = 80  # requests per second: one ranker replica is busy about half the time at ~40
+LOAD_S = 25
+KILL_TAKES_S = 0.5  # from ray.kill() returning to the replica's process being gone
+
+
+def ranker_replicas() -> int:
+    from ray import serve
+
+    application = serve.status().applications.get("fusionrec")
+    if application is None or "Ranker" not in application.deployments:
+        return 0
+    return int(application.deployments["Ranker"].replica_states.get("RUNNING", 0))
+
+
+def kill_one_ranker() -> None:
+    import ray
+
+    replica = next(a for a in ray.util.list_named_actors(all_namespaces=True) if "#Ranker#" in a["name"])
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+
+
+@pytest.fixture
+def served(registered, free_port):
+    """`fusionrec serve --config serve/config.yaml` joined to this session's Ray; stopped with Ctrl-C."""
+    import ray
+
+    port = free_port()
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    server = subprocess.Popen([str(Path(sys.executable).parent / "fusionrec"), "serve", "--config", str(CONFIG),
+                               "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert server.poll() is None, f"fusionrec serve exited: {server.stdout.read()}"
+        assert time.monotonic() < deadline, "fusionrec serve did not answer /healthz within 120 s"
+        try:
+            if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    yield url
+    server.send_signal(signal.SIGINT)
+    assert server.wait(timeout=60) == 0
+
+
+def test_the_ranker_scales_out_under_load_and_back_and_a_kill_costs_only_what_it_held(served, served_bundles, tmp_path):
+    ranker = next(d for d in yaml.safe_load(CONFIG.read_text())["applications"][0]["deployments"]
+                  if d["name"] == "Ranker")
+    scaling = ranker["autoscaling_config"]
+    assert ranker_replicas() == scaling["min_replicas"] == 1
+
+    users = served_bundles["ratings"]["user_id"].unique()[:20]
+    items = sorted(served_bundles["ratings"]["item_id"].unique())[:5]
+    mix = [["/recommend", {"user_id": u, "k": 5}] for u in users] + [["/predict", {"user_id": users[0],
+                                                                                  "item_ids": items}]]
+    (tmp_path / "requests.json").write_text(json.dumps(mix))
+    load = subprocess.Popen([sys.executable, "benchmarks/open_loop.py", served, "--requests",
+                             str(tmp_path / "requests.json"), "--rate", str(RATE), "--seconds", str(LOAD_S),
+                             "--out", str(tmp_path / "rows.json")], stdout=subprocess.PIPE, text=True)
+    timeline, killed = [], None  # (time.monotonic(), RUNNING ranker replicas); (from, to) around the kill
+    while load.poll() is None:
+        timeline.append((time.monotonic(), ranker_replicas()))
+        if killed is None and timeline[-1][1] >= 2:
+            before = time.monotonic()
+            kill_one_ranker()
+            killed = (before, time.monotonic() + KILL_TAKES_S)
+        time.sleep(0.5)
+    summary = json.loads(load.stdout.read().splitlines()[-1])
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    sent = summary["started_at"]  # the load's schedule on this process's clock
+
+    assert max(n for _, n in timeline) >= 2, timeline
+    assert killed is not None and summary["requests"] == RATE * LOAD_S
+    # One hop: a request is in the killed replica's process, and dies with it; the proxy answers it
+    # 500 at once. Nothing else may fail: not a request routed after the kill, nor one left hanging.
+    failed = [(at, latency, status) for at, latency, status in rows if not 200 <= status < 300]
+    held = [(at, latency, status) for at, latency, status in failed
+            if sent + at <= killed[1] and sent + at + latency >= killed[0] and 500 <= status < 600]
+    assert failed == held and len(held) <= ranker["max_ongoing_requests"], (summary, killed, sent, failed)
+
+    deadline = time.monotonic() + scaling["downscale_delay_s"] + 45
+    while ranker_replicas() > scaling["min_replicas"] and time.monotonic() < deadline:
+        time.sleep(1)
+    assert ranker_replicas() == scaling["min_replicas"], "the ranker did not return to its minimum"
