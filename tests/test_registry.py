@@ -72,3 +72,31 @@ def test_ndcg_is_maximised(store):
 def test_a_run_without_a_selection_metric_is_not_promoted(store):
     result = store(None)
     assert not result.promoted and "no selection metric" in result.reason
+
+
+def run_data(value: float | None, metric: str = "val_mse", mode: str = "min", **identity):
+    """A run's MLflow data (tags, metrics) as `registry.decide` reads it, without a store."""
+    from types import SimpleNamespace
+
+    from fusionrec import registry
+
+    tags = registry.identity_tags(IDENTITY | identity, metric, mode)
+    return SimpleNamespace(tags=tags, metrics={} if value is None else {metric: value})
+
+
+@pytest.mark.parametrize("new, champion, promoted, reason", [
+    (run_data(0.9), None, True, "no champion yet; val_mse 0.9000"),
+    (run_data(0.8), run_data(0.9), True, "val_mse 0.8000 beats version 1's 0.9000"),
+    (run_data(0.9), run_data(0.9), False, "val_mse 0.9000 does not beat version 1's 0.9000"),
+    (run_data(0.5, "val_ndcg_at_10", "max"), run_data(0.4, "val_ndcg_at_10", "max"), True, "beats"),
+    (run_data(0.3, "val_ndcg_at_10", "max"), run_data(0.4, "val_ndcg_at_10", "max"), False, "does not beat"),
+    (run_data(float("nan")), run_data(0.9), False, "this run recorded no selection metric"),
+    (run_data(0.9), run_data(None), True, "val_mse 0.9000; version 1 recorded none"),  # `promote` allows that
+    (run_data(0.1, split="cold-start"), run_data(0.9), False, "another split (random vs cold-start)"),
+    (run_data(0.1, "val_rmse"), run_data(0.9), False, "version 1 was selected on another metric"),
+])
+def test_the_rule_alone(new, champion, promoted, reason):
+    from fusionrec.registry import decide
+
+    decision = decide(new, None if champion is None else ("1", champion))
+    assert decision[0] is promoted and reason in decision[1]

@@ -13,8 +13,13 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fusionrec.config import state_folder
+from fusionrec.selection import Selection
+
+if TYPE_CHECKING:
+    from mlflow.entities import RunData
 
 MODEL_NAME = "fusionrec"
 CHAMPION = "champion"
@@ -110,31 +115,30 @@ class Promotion:
         return f"registered {MODEL_NAME} version {self.version}: {state} ({self.reason})"
 
 
-def _decide(run_id: str, champion) -> tuple[bool, str]:
-    """Whether the model of `run_id` should take the alias from `champion` (a model version or None)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    new = client.get_run(run_id).data
+def decide(new: RunData, champion: tuple[str, RunData] | None) -> tuple[bool, str]:
+    """Whether a run (its MLflow `data`: tags, metrics) should take the alias from `champion`
+    ((version, its run's data), or None), and why: the promotion rule, without a store."""
     metric, mode = new.tags.get(f"{TAG}selection_metric"), new.tags.get(f"{TAG}selection_mode")
     value = new.metrics.get(metric) if metric else None
     if value is None or math.isnan(value):
         return False, "this run recorded no selection metric"
     if champion is None:
         return True, f"no {CHAMPION} yet; {metric} {value:.4f}"
-    old = client.get_run(champion.run_id).data
+    version, old = champion
     for key, label in IDENTITY.items():
         mine, theirs = new.tags.get(f"{TAG}{key}"), old.tags.get(f"{TAG}{key}")
         if mine is None or mine != theirs:
-            return False, (f"version {champion.version} was trained on another {label} "
+            return False, (f"version {version} was trained on another {label} "
                            f"({theirs or 'unrecorded'} vs {mine or 'unrecorded'}); compare like with like "
                            "or use `fusionrec promote`")
     if old.tags.get(f"{TAG}selection_metric") != metric:
-        return False, f"version {champion.version} was selected on another metric"
+        return False, f"version {version} was selected on another metric"
     before = old.metrics.get(metric)
-    if before is None or math.isnan(before) or (value < before if mode == "min" else value > before):
-        return True, f"{metric} {value:.4f} beats version {champion.version}'s {before:.4f}"
-    return False, f"{metric} {value:.4f} does not beat version {champion.version}'s {before:.4f}"
+    if before is None or math.isnan(before):
+        return True, f"{metric} {value:.4f}; version {version} recorded none"
+    if Selection(metric, mode).better(value, before):
+        return True, f"{metric} {value:.4f} beats version {version}'s {before:.4f}"
+    return False, f"{metric} {value:.4f} does not beat version {version}'s {before:.4f}"
 
 
 def register(model_uri: str, run_id: str) -> Promotion:
@@ -147,10 +151,11 @@ def register(model_uri: str, run_id: str) -> Promotion:
 
     client = MlflowClient()
     try:
-        champion = client.get_model_version_by_alias(MODEL_NAME, CHAMPION)
+        current = client.get_model_version_by_alias(MODEL_NAME, CHAMPION)
+        champion = (current.version, client.get_run(current.run_id).data)
     except MlflowException:
         champion = None
-    promoted, reason = _decide(run_id, champion)
+    promoted, reason = decide(client.get_run(run_id).data, champion)
     version = str(mlflow.register_model(model_uri, MODEL_NAME).version)
     if promoted:
         client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)

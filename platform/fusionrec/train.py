@@ -21,7 +21,6 @@ Trainer: `fit` fits them in one pass from the training ratings and validates the
 from __future__ import annotations
 
 import contextlib
-import math
 import tempfile
 import threading
 import time
@@ -44,6 +43,7 @@ from fusionrec.models.baselines import CountModel
 from fusionrec.models.bundle import save_bundle
 from fusionrec.models.content import SideContent, build_side
 from fusionrec.models.nets import NO_GRADIENT, ModelConfig, Recommender, build_model
+from fusionrec.selection import SELECTION, VALIDATION_K, Selection
 
 READ_BATCH = 4096  # rows fetched from Ray Data at a time
 OBJECTIVES = ("rating", "implicit")
@@ -52,29 +52,9 @@ OBJECTIVES = ("rating", "implicit")
 # embeddings near zero and NeuMF ranks little better than popularity (MovieLens-100K, stratified
 # split: nDCG@10 0.24 at 3e-2 against 0.40 at 1e-4; see the README).
 ID_L2 = {"rating": 3e-2, "implicit": 1e-4}
-VALIDATION_K = 10  # implicit feedback is selected on nDCG at this cut-off
 # What is validated and kept is an exponential moving average of the weights (WeightAverage), not
 # the last step's: on the 10 % shop it lowered validation MSE on every start tried (docs/quality.md).
 EMA_DECAY = 0.998
-
-
-@dataclass(frozen=True)
-class Selection:
-    """The validation metric that picks epochs, configurations and champions for an objective."""
-
-    metric: str  # its name in reports and in MLflow
-    mode: str  # "min" or "max"
-
-    def better(self, value: float, than: float | None) -> bool:
-        """Whether `value` beats `than` (None: nothing yet). NaN (a diverged model) beats nothing."""
-        if math.isnan(value):
-            return than is None
-        if than is None or math.isnan(than):
-            return True
-        return value < than if self.mode == "min" else value > than
-
-
-SELECTION = {"rating": Selection("val_mse", "min"), "implicit": Selection(f"val_ndcg_at_{VALIDATION_K}", "max")}
 
 
 @dataclass
