@@ -232,10 +232,11 @@ def test_train_config_file_with_flags_on_top(tmp_path, monkeypatch):
 def test_leaderboard_skips_trials_a_time_budget_never_started():
     from types import SimpleNamespace
 
+    from fusionrec.selection import Selection
     from fusionrec.tune import _leaderboard
 
     ran = SimpleNamespace(metrics={"trial_id": "a", "best_val_mse": 0.8, "best_epoch": 1, "training_iteration": 2,
                                    "mlflow_run_id": "r"}, config={"lr": 0.01}, error=None, path="/x/a")
     pending = SimpleNamespace(metrics={}, config=None, error=None, path="/x/b")
-    board = _leaderboard([ran, pending], "val_mse", "min", epochs=4)
+    board = _leaderboard([ran, pending], Selection("val_mse", "min"), epochs=4)
     assert board["trial"].tolist() == ["a"] and bool(board.loc[0, "stopped_early"])

@@ -1,12 +1,13 @@
 """What "better" means: one validation metric per objective, and the comparison every choice uses.
 
-Epochs (train.py), trials (tune.py) and champions (registry.py) are all picked with
-`Selection.better`, on validation data only.
+Epochs (train.py), trials (tune.py) and champions (registry.py) are all picked by `Selection`
+(`better`, `best_first`), on validation data only.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 VALIDATION_K = 10  # implicit feedback is selected on nDCG at this cut-off
@@ -26,6 +27,17 @@ class Selection:
         if than is None or math.isnan(than):
             return True
         return value < than if self.mode == "min" else value > than
+
+    def best_first(self, values: Sequence[float | None]) -> list[int]:
+        """Positions of `values` from best to worst; a missing or NaN value (a trial that failed or
+        diverged) after every real one; ties keep their order."""
+        def key(position: int) -> tuple[bool, float]:
+            value = values[position]
+            if value is None or math.isnan(value):
+                return True, 0.0
+            return False, value if self.mode == "min" else -value
+
+        return sorted(range(len(values)), key=key)
 
 
 SELECTION = {"rating": Selection("val_mse", "min"), "implicit": Selection(f"val_ndcg_at_{VALIDATION_K}", "max")}

@@ -14,7 +14,6 @@ The test part never reaches a trial.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import yaml
 from fusionrec.config import state_folder
 from fusionrec.data.io import atomic_file
 from fusionrec.models.nets import ModelConfig
+from fusionrec.selection import Selection
 from fusionrec.train import (
     LoopData,
     TrainConfig,
@@ -342,7 +342,8 @@ def _experiment_folder(space: SearchSpace, dataset_name: str, resume: bool) -> P
     return root / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _leaderboard(grid, metric: str, mode: str, epochs: int) -> pd.DataFrame:
+def _leaderboard(grid, selection: Selection, epochs: int) -> pd.DataFrame:
+    metric = selection.metric
     rows = []
     for result in grid:
         metrics = result.metrics or {}
@@ -359,9 +360,7 @@ def _leaderboard(grid, metric: str, mode: str, epochs: int) -> pd.DataFrame:
     board = pd.DataFrame(rows)
     if board.empty:
         return board
-    worst = math.inf if mode == "min" else -math.inf
-    key = board[f"best_{metric}"].astype(float).fillna(worst)
-    return board.iloc[key.argsort(kind="stable")[::1 if mode == "min" else -1]].reset_index(drop=True)
+    return board.iloc[selection.best_first(board[f"best_{metric}"].astype(float).tolist())].reset_index(drop=True)
 
 
 def search(dataset: str, features: str | None, space_path: Path, trials: int = 20, epochs: int = 30,
@@ -453,7 +452,7 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
     if time_budget_s is None and grid.num_terminated + grid.num_errors < trials:
         raise KeyboardInterrupt(f"search interrupted after {grid.num_terminated} of {trials} trials; "
                                 f"continue it with --resume ({folder})")
-    board = _leaderboard(grid, selection.metric, selection.mode, epochs)
+    board = _leaderboard(grid, selection, epochs)
     done = board[board["status"] == "done"]
     if done.empty or pd.isna(done.iloc[0][f"best_{selection.metric}"]):
         raise RuntimeError(f"no trial finished with a {selection.metric}: see {folder}")
