@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import time
 from pathlib import Path
 from typing import Annotated
@@ -30,33 +31,54 @@ import numpy as np
 import typer
 
 
-async def open_loop(base: str, requests: list[tuple[str, dict]], rate: float, seconds: float,
+def schedule(rate: float, seconds: float, arrivals: str = "uniform", rng: random.Random | None = None) -> list[float]:
+    """Send times (s from the start) at `rate` for `seconds`: evenly spaced, or Poisson (exponential gaps)."""
+    if arrivals == "uniform":
+        return [n / rate for n in range(int(rate * seconds))]
+    rng = rng or random.Random(0)
+    times, t = [], rng.expovariate(rate)
+    while t < seconds:
+        times.append(t)
+        t += rng.expovariate(rate)
+    return times
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: dict) -> int:
+    """The answer's status; 0 when none came (refused, reset, timed out)."""
+    try:
+        async with session.post(url, json=body) as response:
+            await response.read()
+            return response.status
+    except (TimeoutError, aiohttp.ClientError):
+        return 0
+
+
+def session_for(connections: int, timeout_s: float) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections),
+                                 timeout=aiohttp.ClientTimeout(total=timeout_s))
+
+
+async def open_loop(requests: list[tuple[str, dict]], times: list[float], connections: int = 0,
                     timeout_s: float = 60.0) -> tuple[list[tuple[float, float, int]], float, float]:
-    """Send requests[n % len] at start + n / rate for `seconds`: rows (scheduled, latency, status), the
-    largest lag behind the schedule, and `start` (time.monotonic(), a clock other processes share)."""
-    rows: list[tuple[float, float, int]] = []
+    """Send requests[n] (url, body) at start + times[n]: rows (scheduled s, latency s from the
+    scheduled time, status) in order of sending, the largest lag behind the schedule (s), and
+    `start` (time.monotonic(), a clock other processes share). connections=0: no limit."""
+    rows: list[tuple[float, float, int]] = [(0.0, 0.0, 0)] * len(times)
     lag = 0.0
-    connector = aiohttp.TCPConnector(limit=0)  # as many connections as requests in flight: never queue here
 
-    async def send(session: aiohttp.ClientSession, at: float, path: str, body: dict) -> None:
-        try:
-            async with session.post(base + path, json=body) as response:
-                await response.read()
-                status = response.status
-        except (TimeoutError, aiohttp.ClientError):
-            status = 0
-        rows.append((at - start, time.monotonic() - at, status))
+    async def send(n: int, at: float, url: str, body: dict) -> None:
+        status = await post(session, url, body)
+        rows[n] = (at - start, time.monotonic() - at, status)
 
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
-        start = time.monotonic()
-        tasks = []
-        for n in range(int(rate * seconds)):
-            at = start + n / rate
+    async with session_for(connections, timeout_s) as session:
+        start, tasks = time.monotonic() + 0.05, []
+        for n, (offset, (url, body)) in enumerate(zip(times, requests, strict=True)):
+            at = start + offset
             await asyncio.sleep(max(0.0, at - time.monotonic()))
             lag = max(lag, time.monotonic() - at)
-            tasks.append(asyncio.create_task(send(session, at, *requests[n % len(requests)])))
+            tasks.append(asyncio.create_task(send(n, at, url, body)))
         await asyncio.gather(*tasks)
-    return sorted(rows), lag, start
+    return rows, lag, start
 
 
 def summary(rows: list[tuple[float, float, int]], seconds: float) -> dict:
@@ -75,8 +97,10 @@ def main(base: str,
          seconds: Annotated[float, typer.Option(help="How long to send.")],
          out: Annotated[Path | None, typer.Option(help="Where to write every request's row (JSON).")] = None,
          timeout_s: float = 60.0) -> None:
-    pairs = [(path, body) for path, body in json.loads(requests.read_text())]
-    rows, lag, start = asyncio.run(open_loop(base.rstrip("/"), pairs, rate, seconds, timeout_s))
+    pairs = [(base.rstrip("/") + path, body) for path, body in json.loads(requests.read_text())]
+    times = schedule(rate, seconds)
+    rows, lag, start = asyncio.run(open_loop([pairs[n % len(pairs)] for n in range(len(times))], times,
+                                             timeout_s=timeout_s))
     if out is not None:
         partial = out.with_name(f".{out.name}.partial")
         partial.write_text(json.dumps(rows))

@@ -1,25 +1,37 @@
-"""Load on the served model: Ray Serve (Ingress -> Encoder -> Ranker) against one plain FastAPI +
-uvicorn process serving the same registered model, on loopback.
+"""Latency at a fixed offered load: Ray Serve (the Ranker is the HTTP ingress; the Encoder only for
+new users' text) against `fusionrec serve --plain` (FastAPI + uvicorn, one process, no Ray), both
+serving the same registered model on loopback. Setup (once per --home, reused): a synthetic shop of
+--items items (text and attributes, no images), its text encoded, a FusionNeuMF trained for one
+epoch and registered twice (versions 1 and 2; 1, the champion, is served).
 
-Setup (once per --home; reused afterwards): a synthetic shop of 10,000 items with text and
-structured attributes (no images: they would only lengthen the setup), its text encoded, a
-FusionNeuMF trained for one epoch and registered twice (versions 1 and 2; 1 is champion).
+Per server, plain first (its saturation rate sets the offered loads), then Serve:
+  1. one client, sequential known-user /recommend (ranking all items): p50 / p99
+  2. saturation: --clients closed-loop clients (each sends its next request when the last is
+     answered) for --warmup s, not counted (Serve scales out meanwhile), then --seconds s counted:
+     2xx answers per second. With far more clients than the server works on at once it never
+     idles, so this is its maximum sustainable throughput; an open loop at that rate would queue
+     without bound, hence the fixed loads below it. Plain's is measured before its fixed loads,
+     Serve's after them, so Serve's fixed loads start from one ranker replica and autoscale.
+  3. open loop at 25 / 50 / 75 % of PLAIN's saturation rate, --seconds s each: a seeded schedule
+     (--arrivals poisson|uniform; the same schedule and requests for both servers), each request
+     launched at its time whatever earlier answers did (asyncio tasks, one aiohttp session, up to
+     --connections connections); latency = finish - scheduled time, so waiting in the client counts
+     (no coordinated omission). p50/p95/p99 over every request (a timeout counts at its timeout);
+     errors: non-2xx or no answer; achieved: 2xx / (last answer - start); lag_ms: how far the
+     generator fell behind its schedule (a saturated client shows there).
+Serve's running ranker replicas are sampled (serve.status()) every second of phases 2 and 3.
+--mix mixed: 70 % known-user /recommend, 10 % new-user text /recommend, 20 % /predict (20 items);
+--mix known: known-user /recommend only (the one-hop path). Resilience and promotion under load
+are tested in tests/test_serve_autoscale.py. Output: a line per phase, a PNG of p50/p99 against
+offered rate (--plot, default HOME/serve_load.png) and, last, one JSON line.
 
-    1. one client, sequential /recommend for known users, ranking all items: p50 / p99
-    2. closed loop: C clients for T seconds, 70 % /recommend (known users), 10 % /recommend (new
-       users described by text), 20 % /predict (20 items): RPS, p50/p95/p99, non-2xx, and the
-       ranker replica count every 2 s; then idle, watching the replicas go back down
-    3. resilience: under the same load, one ranker replica is killed: failures in the 10 s after
-       the kill and after that
-    4. promotion under load: champion moved to version 2: failures, seconds until /model says 2
-    5. `fusionrec serve --plain` (a subprocess) under phases 1 and 2: the ratios
-
-    .venv/bin/python benchmarks/serve_load.py [--clients 32 --seconds 60 --items 10000 --home DIR]
+    .venv/bin/python benchmarks/serve_load.py [--seconds 30 --items 10000 --mix mixed --home DIR]
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import subprocess
@@ -27,13 +39,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Annotated
 
-import aiohttp
 import numpy as np
 import typer
+from open_loop import open_loop, post, schedule, session_for
 
 TEXTS = ["I love linen summer dresses for the beach", "silk evening gowns in deep colours",
          "comfortable cotton for work, nothing flashy", "bold floral prints for weddings"]
+FRACTIONS = (0.25, 0.5, 0.75)
 
 
 def setup(home: Path, users: int, items: int) -> None:
@@ -62,69 +76,48 @@ def setup(home: Path, users: int, items: int) -> None:
     registry.promote("1")
 
 
-class Recorder:
-    def __init__(self):
-        self.rows: list[tuple[float, float, int]] = []  # (finished at, latency s, status; 0 = no answer)
+def requests_for(base: str, mix: str, users: list[str], items: list[str], n: int,
+                 rng: random.Random) -> list[tuple[str, dict]]:
+    def one() -> tuple[str, dict]:
+        draw = rng.random() if mix == "mixed" else 0.0
+        if draw < 0.7:
+            return f"{base}/recommend", {"user_id": rng.choice(users), "k": 10}
+        if draw < 0.8:
+            return f"{base}/recommend", {"user": {"text": rng.choice(TEXTS)}, "k": 10}
+        return f"{base}/predict", {"user_id": rng.choice(users), "item_ids": rng.sample(items, 20)}
 
-    def summary(self, since: float = 0.0, until: float = float("inf")) -> dict:
-        rows = [r for r in self.rows if since <= r[0] < until]
-        if not rows:
-            return {"requests": 0}
-        latency = np.array([r[1] for r in rows]) * 1000
-        span = max(r[0] for r in rows) - min(r[0] - r[1] for r in rows)
-        return {"requests": len(rows), "rps": len(rows) / span, "p50_ms": np.percentile(latency, 50),
-                "p95_ms": np.percentile(latency, 95), "p99_ms": np.percentile(latency, 99),
-                "non_2xx": sum(not 200 <= r[2] < 300 for r in rows)}
+    return [one() for _ in range(n)]
 
 
-def line(name: str, s: dict) -> str:
-    if not s["requests"]:
-        return f"{name}: no requests"
-    return (f"{name}: {s['requests']} requests, {s['rps']:.1f} req/s, p50 {s['p50_ms']:.1f} ms, "
-            f"p95 {s['p95_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms, non-2xx {s['non_2xx']}")
-
-
-async def one(session: aiohttp.ClientSession, url: str, body: dict, recorder: Recorder) -> None:
+async def closed_loop(requests: list[tuple[str, dict]], clients: int, warmup: float, seconds: float,
+                      timeout_s: float) -> tuple[float, int]:
+    """`clients` clients, each sending its next request when the last is answered, for warmup +
+    seconds: 2xx answers per second and errors among the answers in the last `seconds`."""
+    finished: list[tuple[float, int]] = []
     start = time.monotonic()
-    try:
-        async with session.post(url, json=body) as response:
-            await response.read()
-            status = response.status
-    except (TimeoutError, aiohttp.ClientError):
-        status = 0
-    recorder.rows.append((time.monotonic(), time.monotonic() - start, status))
-
-
-def request_mix(base: str, users: list[str], items: list[str], rng: random.Random) -> tuple[str, dict]:
-    draw = rng.random()
-    if draw < 0.7:
-        return f"{base}/recommend", {"user_id": rng.choice(users), "k": 10}
-    if draw < 0.8:
-        return f"{base}/recommend", {"user": {"text": rng.choice(TEXTS)}, "k": 10}
-    return f"{base}/predict", {"user_id": rng.choice(users), "item_ids": rng.sample(items, 20)}
-
-
-async def closed_loop(base: str, users: list[str], items: list[str], clients: int, seconds: float,
-                      recorder: Recorder, during=None) -> None:
-    """`clients` clients each sending the next request as soon as the last is answered; `during` is
-    an async function run alongside (it gets the loop's start time)."""
-    deadline = time.monotonic() + seconds
-    timeout = aiohttp.ClientTimeout(total=60)
 
     async def client(n: int) -> None:
-        rng = random.Random(n)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            while time.monotonic() < deadline:
-                await one(session, *request_mix(base, users, items, rng), recorder)
+        k = n
+        while time.monotonic() - start < warmup + seconds:
+            status = await post(session, *requests[k % len(requests)])
+            finished.append((time.monotonic() - start, status))
+            k += clients
 
-    tasks = [client(n) for n in range(clients)] + ([during(time.monotonic())] if during else [])
-    await asyncio.gather(*tasks)
+    async with session_for(clients, timeout_s) as session:
+        await asyncio.gather(*(client(n) for n in range(clients)))
+    counted = [s for t, s in finished if warmup <= t <= warmup + seconds]
+    ok = sum(200 <= s < 300 for s in counted)
+    return ok / seconds, len(counted) - ok
 
 
-async def sequential(base: str, users: list[str], n: int, recorder: Recorder) -> None:
-    async with aiohttp.ClientSession() as session:
+async def one_client(base: str, users: list[str], n: int) -> list[float]:
+    latencies = []
+    async with session_for(1, 60) as session:
         for k in range(n):
-            await one(session, f"{base}/recommend", {"user_id": users[k % len(users)], "k": 10}, recorder)
+            start = time.monotonic()
+            await post(session, f"{base}/recommend", {"user_id": users[k % len(users)], "k": 10})
+            latencies.append(time.monotonic() - start)
+    return latencies
 
 
 def ranker_replicas() -> int:
@@ -134,18 +127,78 @@ def ranker_replicas() -> int:
     return int(states.get("RUNNING", 0))
 
 
-async def watch_replicas(timeline: list[tuple[float, int]], t0: float, seconds: float) -> None:
-    while time.monotonic() - t0 < seconds:
-        timeline.append((time.monotonic() - t0, await asyncio.to_thread(ranker_replicas)))
-        await asyncio.sleep(2)
+async def watching(work, watch: bool) -> tuple[object, list[int] | None]:
+    """Await `work`, sampling Serve's running ranker replicas every second meanwhile if `watch`."""
+    if not watch:
+        return await work, None
+    samples: list[int] = []
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        while not done.is_set():
+            samples.append(await asyncio.to_thread(ranker_replicas))
+            try:
+                await asyncio.wait_for(done.wait(), 1.0)
+            except TimeoutError:
+                pass
+
+    sampler = asyncio.create_task(sample())
+    try:
+        return await work, samples
+    finally:
+        done.set()
+        await sampler
 
 
-async def model_version(base: str) -> str | None:
-    async with aiohttp.ClientSession() as session, session.get(f"{base}/model") as response:
-        return (await response.json()).get("version")
+def percentiles(latency_s: list[float]) -> dict:
+    ms = np.array(latency_s) * 1000
+    return {f"p{q}_ms": round(float(np.percentile(ms, q)), 2) for q in (50, 95, 99)}
 
 
-def wait_until_up(base: str, seconds: float = 120) -> None:
+def measure(name: str, base: str, opt: dict, known: list[str], item_ids: list[str],
+            rates: list[float] | None, watch: bool) -> dict:
+    """One server: one client, then saturation and the fixed loads (saturation first if `rates` is None)."""
+    asyncio.run(one_client(base, known, 20))  # warm-up
+    single = percentiles(asyncio.run(one_client(base, known, opt["sequential"])))
+    print(f"{name}: 1 client, known-user /recommend: p50 {single['p50_ms']} ms, p99 {single['p99_ms']} ms",
+          flush=True)
+    result: dict = {"one_client": {k: single[k] for k in ("p50_ms", "p99_ms")}, "loads": []}
+
+    def saturate() -> None:
+        reqs = requests_for(base, opt["mix"], known, item_ids, 20_000, random.Random(opt["seed"]))
+        (rate, errors), replicas = asyncio.run(watching(
+            closed_loop(reqs, opt["clients"], opt["warmup"], opt["seconds"], opt["timeout"]), watch))
+        result.update(saturation_per_s=round(rate, 1), saturation_errors=errors, saturation_replicas=replicas)
+        print(f"{name}: saturation ({opt['clients']} closed-loop clients): {rate:.1f} req/s, {errors} errors"
+              + (f", ranker replicas {replicas}" if watch else ""), flush=True)
+
+    if rates is None:
+        saturate()
+        rates = [f * result["saturation_per_s"] for f in FRACTIONS]
+    for fraction, rate in zip(FRACTIONS, rates, strict=True):
+        rng = random.Random(opt["seed"] * 1000 + round(fraction * 100))
+        times = schedule(rate, opt["seconds"], opt["arrivals"], rng)
+        reqs = requests_for(base, opt["mix"], known, item_ids, len(times), rng)
+        time.sleep(opt["settle"])
+        (rows, lag, _), replicas = asyncio.run(watching(
+            open_loop(reqs, times, opt["connections"], opt["timeout"]), watch))
+        ok = sum(200 <= r[2] < 300 for r in rows)
+        load = {"fraction": fraction, "offered_per_s": round(rate, 1), "sent": len(rows),
+                "achieved_per_s": round(ok / max(opt["seconds"], max((r[0] + r[1] for r in rows), default=0)), 1),
+                **percentiles([r[1] for r in rows] or [0.0]), "errors": len(rows) - ok,
+                "lag_ms": round(lag * 1000, 1), "replicas": replicas}
+        result["loads"].append(load)
+        print(f"{name}: {fraction:.0%} = {rate:.1f} req/s offered, {load['achieved_per_s']} achieved: "
+              f"p50 {load['p50_ms']} ms, p95 {load['p95_ms']} ms, p99 {load['p99_ms']} ms, "
+              f"errors {load['errors']}/{len(rows)}, generator lag {load['lag_ms']} ms"
+              + (f", ranker replicas {replicas}" if watch else ""), flush=True)
+    if "saturation_per_s" not in result:
+        time.sleep(opt["settle"])
+        saturate()
+    return result
+
+
+def wait_until_up(base: str, seconds: float = 180) -> None:
     import requests
 
     deadline = time.monotonic() + seconds
@@ -159,103 +212,98 @@ def wait_until_up(base: str, seconds: float = 120) -> None:
     raise RuntimeError(f"{base} did not come up within {seconds:.0f} s")
 
 
-def kill_one_ranker() -> None:
-    import ray
+def draw(results: dict, title: str, path: Path) -> None:
+    import matplotlib
 
-    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#Ranker#" in a["name"]]
-    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (name, r), colour in zip(results.items(), ("tab:blue", "tab:orange"), strict=True):
+        rates = [load["offered_per_s"] for load in r["loads"]]
+        for q, style in (("p50", "o-"), ("p99", "s--")):
+            ax.plot(rates, [load[f"{q}_ms"] for load in r["loads"]], style, color=colour, label=f"{name} {q}")
+        ax.axvline(r["saturation_per_s"], color=colour, linestyle=":", label=f"{name} saturation")
+    ax.set(xlabel="offered load (requests/s)", ylabel="latency from scheduled time (ms)", yscale="log", title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+    fig.savefig(partial, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(partial, path)
 
 
-def main(clients: int = 32, seconds: float = 60, idle: float = 45, sequential_requests: int = 300,
-         users: int = 2000, items: int = 10_000, port: int = 8000, home: Path | None = None) -> None:
+def target(value: float, op: str, bound: float) -> dict:
+    met = value >= bound if op == ">=" else value <= bound
+    return {"value": round(value, 3), "target": f"{op} {bound}", "met": met}
+
+
+def main(seconds: float = 30, warmup: float = 10, clients: int = 32, mix: str = "mixed", arrivals: str = "poisson",
+         items: int = 10_000, users: int = 2000, sequential: int = 300, connections: int = 1000,
+         timeout: float = 30, settle: float = 2, seed: int = 0, port: int = 18080,
+         home: Path | None = None,
+         plot: Annotated[Path | None, typer.Option(help="PNG to write (default HOME/serve_load.png).")] = None) -> None:
+    if mix not in ("mixed", "known") or arrivals not in ("poisson", "uniform"):
+        raise typer.BadParameter("--mix is mixed or known, --arrivals poisson or uniform")
     home = (home or Path(tempfile.gettempdir()) / "fusionrec-serve-bench").resolve()
     os.environ["FUSIONREC_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     setup(home, users, items)
+    import pandas as pd
+    import ray
 
     from fusionrec import registry
     from fusionrec.serve import app as serve_app
 
+    if ray.is_initialized():  # setup's Ray would idle beside the plain server
+        ray.shutdown()
     registry.promote("1")
-    info = serve_app.start(port=port, config=Path(__file__).parent.parent / "serve" / "config.yaml")
-    base = f"http://127.0.0.1:{port}"
-    import pandas as pd
-
-    ratings = pd.read_parquet(home / "shop" / "ratings.parquet")
-    known = sorted(ratings["user_id"].unique().tolist())
+    known = sorted(pd.read_parquet(home / "shop" / "ratings.parquet")["user_id"].unique().tolist())
     item_ids = sorted(pd.read_parquet(home / "shop" / "items.parquet")["item_id"].tolist())
-    print(f"Ray Serve: model version {info['version']}, {info['items']:,} items, {clients} clients, {seconds:.0f} s")
+    opt = {"seconds": seconds, "warmup": warmup, "clients": clients, "mix": mix, "arrivals": arrivals,
+           "sequential": sequential, "connections": connections, "timeout": timeout, "settle": settle, "seed": seed}
+    print(f"{len(item_ids):,} items, mix {mix}, {arrivals} arrivals, {seconds:g} s a phase", flush=True)
 
-    serve_single, serve_load = Recorder(), Recorder()
-    asyncio.run(sequential(base, known, 20, Recorder()))  # warm-up
-    asyncio.run(sequential(base, known, sequential_requests, serve_single))
-    print(line("  1 client, /recommend", serve_single.summary()))
-
-    timeline: list[tuple[float, int]] = []
-    asyncio.run(closed_loop(base, known, item_ids, clients, seconds, serve_load,
-                            during=lambda t0: watch_replicas(timeline, t0, seconds)))
-    print(line(f"  {clients} clients, mix", serve_load.summary()))
-    peak = max(n for _, n in timeline)
-    scaled = min(t for t, n in timeline if n == peak)  # seconds into the load when the replicas peaked
-    load_start = min(r[0] - r[1] for r in serve_load.rows)
-    print(line(f"    of which after scaling up to {peak} rankers ({scaled:.0f} s in)",
-               serve_load.summary(since=load_start + scaled)))
-    t0 = time.monotonic()
-    asyncio.run(watch_replicas(timeline, t0 - seconds, seconds + idle))  # the idle tail, same clock
-    print("  ranker replicas (s: n): " + ", ".join(f"{t:.0f}: {n}" for t, n in timeline))
-
-    resilience = Recorder()
-    killed: list[tuple[float, int]] = []
-
-    async def kill_when_scaled_up(t0: float) -> None:
-        """Under load the ranker scales up again; kill one of its replicas once there are two."""
-        while await asyncio.to_thread(ranker_replicas) < 2 and time.monotonic() - t0 < 60:
-            await asyncio.sleep(1)
-        killed.append((time.monotonic(), await asyncio.to_thread(ranker_replicas)))
-        await asyncio.to_thread(kill_one_ranker)
-
-    asyncio.run(closed_loop(base, known, item_ids, clients, 60, resilience, during=kill_when_scaled_up))
-    at, running = killed[0]
-    print(f"  one of {running} ranker replicas killed under load:")
-    print(line("    the 10 s after", resilience.summary(at, at + 10)))
-    print(line("    later", resilience.summary(at + 10)))
-
-    promotion = Recorder()
-    switched: list[float] = []
-
-    async def promote_and_watch(t0: float) -> None:
-        await asyncio.sleep(3)
-        started = time.monotonic()
-        await asyncio.to_thread(registry.promote, "2")
-        while await model_version(base) != "2" and time.monotonic() - started < 60:
-            await asyncio.sleep(0.5)
-        switched.append(time.monotonic() - started)
-
-    asyncio.run(closed_loop(base, known, item_ids, clients, 25, promotion, during=promote_and_watch))
-    print(line("  promotion 1 -> 2 under load", promotion.summary()) + f"; /model said 2 after {switched[0]:.1f} s")
-    serve_app.stop()
-    registry.promote("1")
-
-    plain = subprocess.Popen([str(Path(sys.executable).parent / "fusionrec"), "serve", "--plain", "--port",
-                              str(port + 1), "--model-uri", "models:/fusionrec/1"], env=os.environ.copy())
+    plain_base = f"http://127.0.0.1:{port + 1}"
+    server = subprocess.Popen([str(Path(sys.executable).parent / "fusionrec"), "serve", "--plain", "--port",
+                               str(port + 1), "--model-uri", "models:/fusionrec/1"], env=os.environ.copy())
     try:
-        plain_base = f"http://127.0.0.1:{port + 1}"
         wait_until_up(plain_base)
-        plain_single, plain_load = Recorder(), Recorder()
-        asyncio.run(sequential(plain_base, known, 20, Recorder()))
-        asyncio.run(sequential(plain_base, known, sequential_requests, plain_single))
-        asyncio.run(closed_loop(plain_base, known, item_ids, clients, seconds, plain_load))
+        plain = measure("plain", plain_base, opt, known, item_ids, None, watch=False)
     finally:
-        plain.terminate()
-        plain.wait(timeout=30)
-    print("plain FastAPI + uvicorn, one process:")
-    print(line("  1 client, /recommend", plain_single.summary()))
-    print(line(f"  {clients} clients, mix", plain_load.summary()))
-    s, p = serve_load.summary(), plain_load.summary()
-    single = serve_single.summary()["p50_ms"] / plain_single.summary()["p50_ms"]
-    print(f"ratios Serve / plain: 1-client p50 {single:.2f}; "
-          f"{clients} clients: RPS {s['rps'] / p['rps']:.2f}, p50 {s['p50_ms'] / p['p50_ms']:.2f}, "
-          f"p99 {s['p99_ms'] / p['p99_ms']:.2f} (target <= 2)")
+        server.terminate()
+        server.wait(timeout=30)
+
+    info = serve_app.start(port=port, config=Path(__file__).parent.parent / "serve" / "config.yaml")
+    print(f"Ray Serve up: model version {info['version']}, {info['items']:,} items", flush=True)
+    try:
+        served = measure("serve", f"http://127.0.0.1:{port}", opt, known, item_ids,
+                         [load["offered_per_s"] for load in plain["loads"]], watch=True)
+    finally:
+        serve_app.stop()
+        ray.shutdown()
+
+    results = {"plain": plain, "serve": served}
+    path = (plot or home / "serve_load.png").resolve()
+    draw(results, f"{len(item_ids):,} items, mix {mix}, {arrivals} arrivals, {seconds:g} s a load", path)
+    half = FRACTIONS.index(0.5)
+    ratio = served["saturation_per_s"] / plain["saturation_per_s"]
+    p99_ratio = served["loads"][half]["p99_ms"] / plain["loads"][half]["p99_ms"]
+    print(f"plot: {path}")
+    print(f"Serve / plain: saturation {ratio:.2f} (target >= 0.6), p99 at 50 % {p99_ratio:.2f} (target <= 1.5); "
+          f"1-client p50 Serve {served['one_client']['p50_ms']} ms (target <= 10 at 10,000 items), "
+          f"plain {plain['one_client']['p50_ms']} ms", flush=True)
+    print(json.dumps({
+        "items": len(item_ids), "mix": mix, "arrivals": arrivals, "seconds": seconds, "clients": clients,
+        "saturation": {k: {"per_s": r["saturation_per_s"], "errors": r["saturation_errors"],
+                           "replicas": r["saturation_replicas"]} for k, r in results.items()},
+        "saturation_ratio_serve_plain": round(ratio, 3),
+        "loads": {k: r["loads"] for k, r in results.items()},
+        "one_client_known_recommend": {k: r["one_client"] for k, r in results.items()},
+        "targets": {"saturation_ratio": target(ratio, ">=", 0.6), "p99_ratio_at_50pct": target(p99_ratio, "<=", 1.5),
+                    "one_client_p50_ms_serve": target(served["one_client"]["p50_ms"], "<=", 10)},
+        "plot": str(path)}))
 
 
 if __name__ == "__main__":
