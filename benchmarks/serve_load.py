@@ -41,9 +41,8 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
-from open_loop import open_loop, post, schedule, session_for
+from open_loop import open_loop, percentiles, post, schedule, session_for
 
 TEXTS = ["I love linen summer dresses for the beach", "silk evening gowns in deep colours",
          "comfortable cotton for work, nothing flashy", "bold floral prints for weddings"]
@@ -121,10 +120,9 @@ async def one_client(base: str, users: list[str], n: int) -> list[float]:
 
 
 def ranker_replicas() -> int:
-    from ray import serve
+    from fusionrec.serve.app import running_replicas
 
-    states = serve.status().applications["fusionrec"].deployments["Ranker"].replica_states
-    return int(states.get("RUNNING", 0))
+    return running_replicas("Ranker")
 
 
 async def watching(work, watch: bool) -> tuple[object, list[int] | None]:
@@ -148,11 +146,6 @@ async def watching(work, watch: bool) -> tuple[object, list[int] | None]:
     finally:
         done.set()
         await sampler
-
-
-def percentiles(latency_s: list[float]) -> dict:
-    ms = np.array(latency_s) * 1000
-    return {f"p{q}_ms": round(float(np.percentile(ms, q)), 2) for q in (50, 95, 99)}
 
 
 def measure(name: str, base: str, opt: dict, known: list[str], item_ids: list[str],

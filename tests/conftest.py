@@ -194,3 +194,13 @@ def registered(served_bundles, tmp_path_factory):
             registry.register(registry.log_bundle(served_bundles[name]), run.info.run_id)
     yield home
     patch.undo()
+
+
+def kill_one_ranker() -> int:
+    """Kill one running ranker replica of the Serve application (as a crash would, no restart);
+    returns how many there were."""
+    import ray
+
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#Ranker#" in a["name"]]
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+    return len(replicas)

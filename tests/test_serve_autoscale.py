@@ -18,6 +18,8 @@ import pytest
 import requests
 import yaml
 
+from conftest import kill_one_ranker
+
 pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.integration]
 
 CONFIG = Path("serve/config.yaml")
@@ -27,19 +29,9 @@ KILL_TAKES_S = 0.5  # from ray.kill() returning to the replica's process being g
 
 
 def ranker_replicas() -> int:
-    from ray import serve
+    from fusionrec.serve.app import running_replicas
 
-    application = serve.status().applications.get("fusionrec")
-    if application is None or "Ranker" not in application.deployments:
-        return 0
-    return int(application.deployments["Ranker"].replica_states.get("RUNNING", 0))
-
-
-def kill_one_ranker() -> None:
-    import ray
-
-    replica = next(a for a in ray.util.list_named_actors(all_namespaces=True) if "#Ranker#" in a["name"])
-    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    return running_replicas("Ranker")
 
 
 @pytest.fixture

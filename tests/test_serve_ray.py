@@ -13,6 +13,7 @@ import requests
 import yaml
 from typer.testing import CliRunner
 
+from conftest import kill_one_ranker
 from fusionrec.cli import app as cli
 
 pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.integration]
@@ -56,14 +57,6 @@ def test_answers_and_rejects_through_serve(service, served_bundles):
     assert requests.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"
 
 
-def _kill_one_ranker() -> None:
-    import ray
-
-    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#Ranker#" in a["name"]]
-    assert len(replicas) == 2, replicas
-    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
-
-
 def test_promotion_and_a_lost_replica_under_load(service, served_bundles):
     url = service["url"]
     users = list(served_bundles["ratings"]["user_id"].unique()[:10])
@@ -94,7 +87,7 @@ def test_promotion_and_a_lost_replica_under_load(service, served_bundles):
     assert switched is not None, "the service did not switch to version 2 within 30 s"
     time.sleep(3)  # both replicas poll every second
     killed = time.monotonic()
-    _kill_one_ranker()
+    assert kill_one_ranker() == 2
     time.sleep(8)
     stop.set()
     for thread in threads:

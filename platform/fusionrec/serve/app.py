@@ -155,6 +155,14 @@ def start(model_uri: str | None = None, host: str | None = None, port: int | Non
     return info
 
 
+def running_replicas(deployment: str) -> int:
+    """How many replicas of one of the application's deployments are running now (0 if not deployed)."""
+    application = serve.status().applications.get(APP_NAME)
+    if application is None or deployment not in application.deployments:
+        return 0
+    return int(application.deployments[deployment].replica_states.get("RUNNING", 0))
+
+
 def stop() -> None:
     serve.delete(APP_NAME)
     serve.shutdown()
