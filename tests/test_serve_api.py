@@ -174,19 +174,25 @@ def test_serve_config_parses_and_bad_configs_are_one_line_errors(tmp_path):
     from ray.serve.config import AutoscalingConfig
 
     from fusionrec.serve.app import DEPLOYMENTS, read_config
+    from fusionrec.serve.ranker import CANDIDATES, CANDIDATES_ABOVE
 
     config = read_config(Path("serve/config.yaml"))
     assert set(config["deployments"]) == set(DEPLOYMENTS) and config["http"]["host"] == "127.0.0.1"
     for options in config["deployments"].values():
         AutoscalingConfig(**options["autoscaling_config"])
     assert config["args"]["model_uri"] == "models:/fusionrec@champion"
+    assert config["args"]["candidates_above"] == CANDIDATES_ABOVE and config["args"]["candidates"] == CANDIDATES
     bad = tmp_path / "bad.yaml"
     negative = "applications: [{name: fusionrec, import_path: x:y, deployments: [{name: Ranker, num_replicas: -1}]}]"
     for text, message in ((negative, "not a valid Serve"),
                           ("applications: [{name: other, import_path: x:y}]", "no application named"),
                           ("applications: [{name: fusionrec, import_path: x:y, deployments: [{name: Nope}]}]",
                            "unknown deployment 'Nope'"),
-                          ("applications: [", "not a valid Serve")):
+                          ("applications: [", "not a valid Serve"),
+                          ("applications: [{name: fusionrec, import_path: x:y, args: {candidates: 0}}]",
+                           "args.candidates: expected a whole number >= 1, got 0"),
+                          ("applications: [{name: fusionrec, import_path: x:y, args: {candidates_above: '5e4'}}]",
+                           "args.candidates_above: expected a whole number >= 0, got '5e4'")):
         bad.write_text(text)
         with pytest.raises(ValueError, match=message) as error:
             read_config(bad)

@@ -266,6 +266,12 @@ class Recommender(nn.Module):
         n = self.items.n
         return self.score({k: v.expand(n, *v.shape[1:]) for k, v in user.items()}, items)
 
+    @torch.no_grad()
+    def score_items_for(self, user: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        """[len(rows)] scores of the item rows `rows` for one user given as a gathered row: what
+        score_all_for(user)[rows] holds, computed for those rows only (the re-ranking stage)."""
+        return self.score({k: v.expand(len(rows), *v.shape[1:]) for k, v in user.items()}, self.items.gather(rows))
+
 
 class SideTower(nn.Module):
     """One side of FusionNeuMF: the id embedding plus the content vectors that join it.
@@ -416,17 +422,35 @@ class FusionNeuMF(Recommender):
         return super().load_state_dict(*args, **kwargs)
 
     @torch.no_grad()
+    def item_towers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every known item's (vector [n, out_dim], its half of the MLP's first layer [n, mlp[0]],
+        bias [n]), computed once and cached. Eval mode only: the cache holds for fixed weights."""
+        if self._items_cache is None:
+            first = self.mlp[0]  # Linear over [user_vector ++ item_vector]
+            item_vector, item_bias = self.item_tower(self.items.known())
+            self._items_cache = (item_vector, item_vector @ first.weight[:, self.user_tower.out_dim:].T + first.bias,
+                                 item_bias)
+        return self._items_cache
+
+    @torch.no_grad()
     def score_all_for(self, user):
         """Same scores as score(), without recomputing the item towers for every user: in eval mode
         they are cached, and the MLP's first layer is split so the item half is applied once."""
         if self.training:
             return super().score_all_for(user)
-        first = self.mlp[0]  # Linear over [user_vector ++ item_vector]
+        return self._score_towers(user, *self.item_towers())
+
+    @torch.no_grad()
+    def score_items_for(self, user, rows):
+        """score_all_for(user)[rows], from the cached item towers' rows `rows` only."""
+        if self.training:
+            return super().score_items_for(user, rows)
+        return self._score_towers(user, *(tower[rows] for tower in self.item_towers()))
+
+    def _score_towers(self, user, item_vector, item_first, item_bias):
+        """One user's scores of items given by their towers: [n, out_dim], [n, mlp[0]], [n] -> [n]."""
+        first = self.mlp[0]
         split = self.user_tower.out_dim
-        if self._items_cache is None:
-            item_vector, item_bias = self.item_tower(self.items.known())
-            self._items_cache = (item_vector, item_vector @ first.weight[:, split:].T + first.bias, item_bias)
-        item_vector, item_first, item_bias = self._items_cache  # [n, out_dim], [n, mlp[0]], [n]
         user_vector, user_bias = self.user_tower(user)  # [1, out_dim], [1]
         hidden = self.mlp[1:](item_first + user_vector @ first.weight[:, :split].T)  # [n, mlp[-1]]
         joint = torch.cat([user_vector * item_vector, hidden], dim=1)

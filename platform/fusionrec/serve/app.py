@@ -72,13 +72,13 @@ class RemoteEncoderBackend(LocalBackend):
 @serve.ingress()
 class RankerDeployment:
     def __init__(self, encoder: DeploymentHandle, model_uri: str, refresh_s: float, tracking_uri: str | None,
-                 threads: int = 1):
+                 threads: int = 1, ranking: dict | None = None):
         if tracking_uri:  # the driver's MLflow store, whatever this replica's environment says
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
         _torch_threads(threads)
         from fusionrec.serve.ranker import Ranker
 
-        self.ranker = Ranker(model_uri, refresh_s)
+        self.ranker = Ranker(model_uri, refresh_s, **(ranking or {}))
         self.ranker.follow_alias()
         self.backend = RemoteEncoderBackend(self.ranker, encoder)
 
@@ -92,7 +92,8 @@ class RankerDeployment:
 def build(args: dict) -> serve.Application:
     """The application builder (`serve deploy` / `serve run fusionrec.serve.app:build`). `args`:
     model_uri, refresh_s (alias polling), tracking_uri (MLflow; default this process's), cache
-    (the encoder cache), threads (torch threads per replica). Serve applies the config's
+    (the encoder cache), threads (torch threads per replica), candidates_above and candidates (two-stage
+    ranking: serve/ranker.py). Serve applies the config's
     per-deployment settings itself."""
     return application(args)
 
@@ -100,13 +101,14 @@ def build(args: dict) -> serve.Application:
 def application(args: dict, options: dict[str, dict] | None = None) -> serve.Application:
     """The deployment graph; `options` are per-deployment overrides (autoscaling_config, ...)."""
     from fusionrec import registry
+    from fusionrec.serve.ranker import ranking_settings
 
     options = options or {}
     threads = int(args.get("threads", 1))
     encoder = EncoderDeployment.options(**options.get("Encoder", {})).bind(args.get("cache"), threads)
     return RankerDeployment.options(**options.get("Ranker", {})).bind(
         encoder, str(args.get("model_uri", CHAMPION_URI)), float(args.get("refresh_s", 5.0)),
-        args.get("tracking_uri") or registry.tracking_uri(), threads)
+        args.get("tracking_uri") or registry.tracking_uri(), threads, ranking_settings(args))
 
 
 def read_config(path: Path | None) -> dict:
@@ -115,6 +117,8 @@ def read_config(path: Path | None) -> dict:
         return {"http": {}, "args": {}, "deployments": {}, "logging": None}
     from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
+
+    from fusionrec.serve.ranker import ranking_settings
 
     try:
         raw = yaml.safe_load(Path(path).read_text())
@@ -130,6 +134,10 @@ def read_config(path: Path | None) -> dict:
             raise ValueError(f"{path}: unknown deployment {deployment.get('name')!r} "
                              f"(expected {', '.join(DEPLOYMENTS)})")
         deployments[deployment["name"]] = {k: v for k, v in deployment.items() if k != "name"}
+    try:
+        ranking_settings(apps[0].args or {})
+    except ValueError as exc:
+        raise ValueError(f"{path}: args.{exc}") from None
     return {"http": raw.get("http_options", {}), "args": apps[0].args or {}, "deployments": deployments,
             "logging": raw["applications"][schema.applications.index(apps[0])].get("logging_config")}
 

@@ -8,6 +8,11 @@ request in a Serve batch cannot fail the others.
 A ranker built on an alias (models:/fusionrec@champion) follows it: `refresh()` loads the version
 the alias points at now and swaps it in with one assignment, so requests already running finish
 on the old model and none fail.
+
+Large catalogues are ranked in two stages (serve/candidates.py): above `candidates_above` items a
+model with an inner-product part (FusionNeuMF, NeuMF, svd) gets a faiss index when it loads, which
+proposes `candidates` items (plus the user's seen ones, left out after) that the full model
+re-ranks. At or below that size, and for every other model, every item is scored.
 """
 
 from __future__ import annotations
@@ -30,12 +35,18 @@ from fusionrec.evaluate import predict, top_k
 from fusionrec.models.bundle import load_bundle, load_seen
 from fusionrec.models.content import StructuredEncoder, bag_of_words, image_pixels, row_index
 from fusionrec.models.nets import Recommender
+from fusionrec.serve.candidates import CandidateIndex, user_query
 
 log = logging.getLogger(__name__)
 STALE = 409  # the model changed between encoding a payload and ranking it: encode again
 # A new user's number may lie this many standard deviations from the training data's mean, no
 # further: beyond it the standardised value, and the scores, stop meaning anything (or overflow).
 MAX_STANDARD_SCORES = 100.0
+# Two-stage ranking (serve/candidates.py) above this many items; exact full ranking at or below it.
+CANDIDATES_ABOVE = 50_000
+# Candidates the full model re-ranks: recall@100 against exact ranking >= 0.95 at this N on the
+# synthetic shop and MovieLens-100K models (benchmarks/retrieval.py).
+CANDIDATES = 1000
 
 
 class Rejected(Exception):
@@ -56,9 +67,11 @@ class LoadedModel:
     item_ids: np.ndarray
     seen: list[np.ndarray]  # per user row: item rows rated in training
     metrics: dict[str, float]
+    index: CandidateIndex | None = None  # the candidate stage; None: every item is scored
 
     @classmethod
-    def load(cls, ref: registry.ModelRef) -> LoadedModel:
+    def load(cls, ref: registry.ModelRef, candidates_above: int = CANDIDATES_ABOVE) -> LoadedModel:
+        """The model at `ref`, with a candidate index if it has more than `candidates_above` items."""
         with tempfile.TemporaryDirectory(prefix="fusionrec-serve-") as tmp:
             folder = registry.download(ref.uri, Path(tmp))
             model, meta = load_bundle(folder)
@@ -67,6 +80,8 @@ class LoadedModel:
                      np.array(meta["items"]["ids"], dtype=object),
                      seen, registry.run_metrics(ref.run_id))
         model.score_all_for(model.users.row())  # warm up (FusionNeuMF caches its item towers here)
+        if len(loaded.items) > candidates_above:
+            loaded.index = CandidateIndex.for_model(model)  # None for a model without an inner-product part
         return loaded
 
     @property
@@ -88,15 +103,28 @@ class LoadedModel:
             raise Rejected(404, f"user_id: unknown user {user_id!r} (describe a new user with `user` instead)")
         return self.users[user_id]
 
-    def top(self, scores: np.ndarray, k: int) -> dict:
+    def top(self, scores: np.ndarray, k: int, rows: np.ndarray | None = None) -> dict:
         """Ranked by the raw score; each item's rating is that score on the dataset's scale (clipped
-        to it, as /predict answers), None under the implicit objective (scores are logits there)."""
+        to it, as /predict answers), None under the implicit objective (scores are logits there).
+        `scores` are every item's, or with `rows`, those item rows' only."""
         top = top_k(scores, min(k, int(np.isfinite(scores).sum())))  # never an excluded (-inf) item
         ratings = np.clip(scores[top], *self.scale) if self.scale else [None] * len(top)
-        return {"items": [{"item_id": str(self.item_ids[i]), "score": float(scores[i]),
+        items = self.item_ids[top if rows is None else rows[top]]
+        return {"items": [{"item_id": str(item), "score": float(scores[i]),
                            "rating": None if rating is None else float(rating)}
-                          for i, rating in zip(top, ratings, strict=True)],
+                          for item, i, rating in zip(items, top, ratings, strict=True)],
                 "model_version": self.ref.version}
+
+    def two_stage(self, user: dict[str, torch.Tensor], k: int, candidates: int, seen: np.ndarray) -> dict:
+        """The top k of `candidates` items (k if more) from the index, not in `seen`, re-ranked by
+        the model. The seen items among the proposals are scored too, then left out, as in exact
+        ranking: once every item is proposed, the model does the very computation of ranking them all."""
+        wanted = max(candidates, k) + len(seen)
+        rows = self.index.search(user_query(self.model, user), wanted)  # [<= wanted] item rows, ascending
+        scores = self.model.score_items_for(user, torch.as_tensor(rows, device=self.model.device))  # [len(rows)]
+        scores = finite(scores.cpu().numpy().astype(np.float64))
+        scores[np.isin(rows, seen)] = -np.inf
+        return self.top(scores, k, rows)
 
 
 def finite(scores: np.ndarray) -> np.ndarray:
@@ -140,18 +168,34 @@ def attribute_row(encoder: StructuredEncoder, attributes: dict) -> np.ndarray:
     return encoder.transform(frame)[0]
 
 
+def ranking_settings(args: dict) -> dict[str, int]:
+    """The application args' two-stage settings, checked: {"candidates_above": .., "candidates": ..}."""
+    settings = {"candidates_above": args.get("candidates_above", CANDIDATES_ABOVE),
+                "candidates": args.get("candidates", CANDIDATES)}
+    for key, least in (("candidates_above", 0), ("candidates", 1)):
+        value = settings[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{key}: expected a whole number >= {least}, got {value!r}")
+    return settings
+
+
 class Ranker:
-    def __init__(self, model_uri: str, refresh_s: float = 5.0):
+    def __init__(self, model_uri: str, refresh_s: float = 5.0, candidates_above: int = CANDIDATES_ABOVE,
+                 candidates: int = CANDIDATES):
+        """`candidates_above`: rank in two stages above this many items (0: always, where the model
+        allows); `candidates`: how many items the index proposes for the model to re-rank."""
+        ranking_settings({"candidates_above": candidates_above, "candidates": candidates})
         self.model_uri = model_uri
         self.refresh_s = refresh_s
-        self.current = LoadedModel.load(registry.resolve(model_uri))
+        self.candidates_above, self.candidates = candidates_above, candidates
+        self.current = LoadedModel.load(registry.resolve(model_uri), candidates_above)
 
     def refresh(self) -> bool:
         """Follow the alias: load the version it points at now, if that changed. True if swapped."""
         ref = registry.resolve(self.model_uri)
         if ref.version == self.current.ref.version:
             return False
-        loaded = LoadedModel.load(ref)
+        loaded = LoadedModel.load(ref, self.candidates_above)
         self.current = loaded  # one assignment: calls already running keep the model they started with
         log.info("now serving %s version %s", ref.name, ref.version)
         return True
@@ -197,6 +241,9 @@ class Ranker:
     def recommend(self, user_id: str, k: int, exclude_seen: bool = True) -> dict:
         m = self.current
         user = m.user_row(user_id)
+        if m.index is not None:
+            gathered = m.model.users.gather(torch.tensor([user], device=m.model.device))
+            return m.two_stage(gathered, k, self.candidates, m.seen[user] if exclude_seen else np.zeros(0, np.int64))
         scores = finite(m.model.score_all(user).numpy().astype(np.float64))
         if exclude_seen:
             scores[m.seen[user]] = -np.inf
@@ -217,8 +264,11 @@ class Ranker:
             from fusionrec.data.images import open_image
 
             content["pixels"] = image_pixels(open_image(io.BytesIO(image)))
+        user = users.row(**content)
+        if m.index is not None:
+            return m.two_stage(user, k, self.candidates, np.zeros(0, np.int64))
         with torch.no_grad():
-            scores = finite(m.model.score_all_for(users.row(**content)).numpy().astype(np.float64))
+            scores = finite(m.model.score_all_for(user).numpy().astype(np.float64))
         return m.top(scores, k)
 
     def info(self) -> dict:
