@@ -11,6 +11,7 @@ from fusionrec.data.schema import TableSpec
 from fusionrec.evaluate import full_ranking
 from fusionrec.models.bundle import load_bundle, save_bundle
 from fusionrec.models.content import StructuredEncoder, bag_of_words, build_side
+from fusionrec.models.factory import BUILDERS, build_model
 from fusionrec.models.nets import (
     MODELS,
     NO_GRADIENT,
@@ -18,7 +19,6 @@ from fusionrec.models.nets import (
     Codebooks,
     ModelConfig,
     SetPooling,
-    build_model,
     set_mean,
 )
 
@@ -52,6 +52,10 @@ def test_bag_of_words_is_stable_and_normalised():
     out = bag_of_words(["Silk silk dress", None, "dress"])
     assert np.allclose(np.linalg.norm(out[0]), 1) and not out[1].any()
     assert np.array_equal(out, bag_of_words(["Silk silk dress", None, "dress"]))
+
+
+def test_every_named_model_has_one_builder():
+    assert list(BUILDERS) == list(MODELS)
 
 
 @pytest.mark.parametrize("name", [m for m in MODELS if m not in NO_GRADIENT])

@@ -42,7 +42,8 @@ from fusionrec.evaluate import candidate, full_ranking, index_ratings, ranking_c
 from fusionrec.models.baselines import CountModel
 from fusionrec.models.bundle import save_bundle
 from fusionrec.models.content import SideContent, build_side
-from fusionrec.models.nets import NO_GRADIENT, ModelConfig, Recommender, build_model
+from fusionrec.models.factory import build_model
+from fusionrec.models.nets import NO_GRADIENT, ModelConfig, Recommender
 from fusionrec.selection import SELECTION, VALIDATION_K, Selection
 
 READ_BATCH = 4096  # rows fetched from Ray Data at a time

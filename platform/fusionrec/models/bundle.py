@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from fusionrec.models.content import SideContent, StructuredEncoder
-from fusionrec.models.nets import ModelConfig, Recommender, build_model
+from fusionrec.models.factory import build_model
+from fusionrec.models.nets import ModelConfig, Recommender
 
 
 def save_bundle(folder: Path, model: Recommender, users: SideContent, items: SideContent, extra: dict,

@@ -523,21 +523,3 @@ class ContentCNN(Recommender):
         x = torch.cat(self._side(user, self.user_image, self.user_words) +
                       self._side(item, self.item_image, self.item_words), dim=1)
         return self.out(self.net(x)).squeeze(-1)
-
-
-def build_model(users: SideContent, items: SideContent, config: ModelConfig) -> Recommender:
-    config.check()
-    if config.model == "fusion":
-        return FusionNeuMF(users, items, config)
-    if config.model == "neumf":
-        return FusionNeuMF(users, items, ModelConfig(**{**config.__dict__, "variant": FIXED_VARIANT["neumf"],
-                                                        "id_dropout": 0.0}))
-    if config.model == "svd":
-        return BiasedMF(users, items, config)
-    if config.model == "cnn":
-        return ContentCNN(users, items, config)
-    if config.model in NO_GRADIENT:
-        from fusionrec.models.baselines import ContentKNN, GenrePopularity  # they build on Recommender
-
-        return (GenrePopularity if config.model == "genre-pop" else ContentKNN)(users, items, config)
-    return ContentDNN(users, items, config)

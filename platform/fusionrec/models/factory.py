@@ -1,0 +1,35 @@
+"""Every model by its name (`ModelConfig.model`): `build_model` makes the one a config names.
+
+Here rather than in nets.py because the baselines build on nets.Recommender: this module imports
+both, and neither imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from fusionrec.models.baselines import ContentKNN, GenrePopularity
+from fusionrec.models.content import SideContent
+from fusionrec.models.nets import FIXED_VARIANT, BiasedMF, ContentCNN, ContentDNN, FusionNeuMF, ModelConfig, Recommender
+
+
+def _neumf(users: SideContent, items: SideContent, config: ModelConfig) -> FusionNeuMF:
+    """NeuMF is FusionNeuMF on ids alone, without id dropout (no content to fall back on)."""
+    return FusionNeuMF(users, items, replace(config, variant=FIXED_VARIANT["neumf"], id_dropout=0.0))
+
+
+BUILDERS: dict[str, Callable[[SideContent, SideContent, ModelConfig], Recommender]] = {
+    "fusion": FusionNeuMF,
+    "neumf": _neumf,
+    "svd": BiasedMF,
+    "dnn": ContentDNN,
+    "cnn": ContentCNN,
+    "genre-pop": GenrePopularity,
+    "content-knn": ContentKNN,
+}
+
+
+def build_model(users: SideContent, items: SideContent, config: ModelConfig) -> Recommender:
+    config.check()
+    return BUILDERS[config.model](users, items, config)
