@@ -15,7 +15,7 @@ from fusionrec.tune import SearchSpace
 
 runner = CliRunner()
 GOOD = {"fixed": {"objective": "rating", "model": {"model": "fusion"}},
-        "search": {"model.mlp": {"choice": [[16, 8], [32, 16]]}, "lr": {"loguniform": [0.001, 0.05]}}}
+        "search": {"model.mlp": {"choice": [[16, 8], [128, 64]]}, "lr": {"loguniform": [0.001, 0.05]}}}
 
 
 def write_space(tmp_path, space: dict, name: str = "space.yaml"):
@@ -48,6 +48,10 @@ def test_shipped_benchmark_configs_load_as_training_settings(name):
     ({"search": {"model.variant": {"choice": ["full", "no_audio"]}}}, "model.variant = 'no_audio': unknown variant"),
     ({"search": {"split": {"choice": ["random", "loo"]}}}, "'split' cannot be searched"),
     ({"fixed": {"features": "x"}}, "unknown setting 'features' (given on the command line)"),
+    ({"search": {"lr": {"loguniform": [1e-7, 1e-6]}}}, "search.lr: {loguniform: [1e-07, 1e-06]} must contain the "
+                                                       "default 0.005"),
+    ({"search": {"model.mlp": {"choice": [[16, 8]]}}}, "must contain the default [128, 64]"),
+    ({"search": {"negatives": {"randint": [1, 4]}}}, "must contain the default 4"),  # randint excludes its high
 ])
 def test_bad_spaces_fail_naming_the_problem(tmp_path, change, message):
     with pytest.raises(ValueError) as error:
@@ -60,6 +64,16 @@ def test_cli_refuses_a_bad_space_in_one_line(tmp_path, tiny_shop):
     result = runner.invoke(app, ["tune", str(tiny_shop), "--space", str(bad)])
     assert result.exit_code == 1
     assert result.stderr.strip().count("\n") == 0 and "bad range [1, 1]" in result.stderr
+
+
+def test_the_first_point_is_the_training_defaults_with_the_fixed_settings_on_top(tmp_path):
+    space = SearchSpace.load(write_space(tmp_path, {
+        "fixed": {"objective": "implicit", "model": {"model": "neumf"}},
+        "search": {"id_l2": {"loguniform": [1e-5, 1e-3]}, "model.mlp": {"choice": [[64, 32], [128, 64]]}}}))
+    base = {"dataset": "-", **space.fixed_settings()}
+    assert space.defaults(base) == {"id_l2": 1e-4, "model.mlp": [128, 64]}  # implicit's id decay
+    with pytest.raises(ValueError, match="must contain the default 0.03"):  # `--objective rating` given
+        space.defaults({**base, "objective": "rating"})
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +150,7 @@ def test_search_selects_on_validation_and_logs_children_under_one_parent(home, t
     # best.yaml is a `fusionrec train --config` file as it is
     best_yaml = next((home / "tune").glob("space-*/best.yaml"))
     cfg = load_config(best_yaml)
-    assert cfg.model.mlp in ([16, 8], [32, 16]) and cfg.dataset == str(tiny_shop)
+    assert cfg.model.mlp in ([16, 8], [128, 64]) and cfg.dataset == str(tiny_shop)
     trained = runner.invoke(app, ["train", "--config", str(best_yaml), "--epochs", "1", "--model", "svd"])
     assert trained.exit_code == 0, trained.output
     assert "mse" in json.loads(trained.stdout.strip().splitlines()[-1])
@@ -159,6 +173,32 @@ def test_asha_stops_a_weak_trial_early(home, tiny_shop, features, tmp_path):
     board = result.leaderboard
     assert len(board) == 4 and board["stopped_early"].any()
     assert (board.loc[board["stopped_early"], "epochs_run"] < 3).all()
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("local_ray")
+def test_the_defaults_are_the_first_trial_so_a_hopeless_space_crowns_them(home, tiny_shop, features, tmp_path):
+    from mlflow import MlflowClient
+
+    from fusionrec.train import TrainConfig, load_config
+    from fusionrec.tune import search
+
+    # The space must contain the default learning rate (0.005, its top end), but what TPE samples
+    # from it is hopeless: every sampled rate is far below it (checked below; the search is seeded).
+    space = write_space(tmp_path, {"search": {"lr": {"loguniform": [1e-7, 0.005]}}}, "lr.yaml")
+    result = search(str(tiny_shop), str(features), space, trials=4, epochs=3, max_concurrent=1, seed=0,
+                    progress=False)
+    board = result.leaderboard
+    assert len(board) == 4 and board["defaults"].sum() == 1  # the first trial is one of --trials
+    assert (board.loc[~board["defaults"], "lr"].astype(float) < 0.001).all()
+    assert board.loc[0, "defaults"] and board.loc[0, "lr"] == "0.005"  # crowned
+    defaults = TrainConfig(dataset=str(tiny_shop), features=str(features), epochs=3).to_dict()
+    assert TrainConfig.from_dict(result.best).to_dict() == defaults
+    assert result.versus_defaults.startswith("the selected trial is today's defaults")
+    best_yaml = next((home / "tune").glob("lr-*/best.yaml"))
+    assert best_yaml.read_text().startswith("# the selected trial is today's defaults")
+    assert load_config(best_yaml).to_dict() == defaults
+    assert MlflowClient().get_run(result.parent_run_id).data.tags["fusionrec.best_is_defaults"] == "true"
 
 
 @pytest.mark.integration
@@ -238,5 +278,5 @@ def test_leaderboard_skips_trials_a_time_budget_never_started():
     ran = SimpleNamespace(metrics={"trial_id": "a", "best_val_mse": 0.8, "best_epoch": 1, "training_iteration": 2,
                                    "mlflow_run_id": "r"}, config={"lr": 0.01}, error=None, path="/x/a")
     pending = SimpleNamespace(metrics={}, config=None, error=None, path="/x/b")
-    board = _leaderboard([ran, pending], Selection("val_mse", "min"), epochs=4)
-    assert board["trial"].tolist() == ["a"] and bool(board.loc[0, "stopped_early"])
+    board = _leaderboard([ran, pending], Selection("val_mse", "min"), epochs=4, defaults={"lr": 0.01})
+    assert board["trial"].tolist() == ["a"] and bool(board.loc[0, "stopped_early"]) and bool(board.loc[0, "defaults"])

@@ -477,6 +477,7 @@ def tune(
     typer.echo(result.leaderboard[columns].head(10).to_string(index=False))
     typer.echo(f"selected trial: {metric} {value:.4f}; its test metrics (scored once, after the choice): "
                f"{json.dumps(result.test_metrics)}")
+    typer.echo(result.versus_defaults)
     typer.echo(yaml.safe_dump(result.best, sort_keys=False).rstrip())
     typer.echo(f"best configuration in {result.experiment_path}/best.yaml (and in MLflow run {result.parent_run_id}):"
                f" `fusionrec train --config {result.experiment_path}/best.yaml` retrains it")

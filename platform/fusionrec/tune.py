@@ -5,6 +5,10 @@
     search(...)               Tuner (ASHA + Optuna TPE, or random) -> leaderboard -> the best trial's
                               model scored on test once -> MLflow (a parent run, a child per trial)
 
+The first trial of every search is today's defaults (`SearchSpace.defaults`: what `fusionrec train`
+uses with no flags, the space's fixed settings on top), so the selected trial never validates worse
+than they do; the leaderboard's `defaults` column and best.yaml's first line say whether it beat them.
+
 Each trial trains in its own process with `cpus_per_trial` CPUs, and one GPU on a cluster that has
 GPUs (no nested Ray Train worker group: on a small cluster that would hold a CPU per trial for the
 driver alone, see STACK.md), so as many trials run at once as the cluster has CPUs (and GPUs) for.
@@ -68,6 +72,21 @@ def with_settings(settings: dict, dotted: dict) -> dict:
     return out
 
 
+def _read_setting(settings: dict, dotted: str):
+    """The value of one dotted setting ("lr", "model.mlp") in `settings` (TrainConfig.to_dict() shape)."""
+    if dotted.startswith("model."):
+        return settings["model"][dotted.removeprefix("model.")]
+    return settings[dotted]
+
+
+def _can_sample(kind: str, argument: list, value) -> bool:
+    """Whether a `search:` distribution ({kind: argument}) holds `value`."""
+    if kind == "choice":
+        return value in argument
+    low, high = argument
+    return low <= value < high if kind == "randint" else low <= value <= high  # Tune's randint excludes high
+
+
 def _flatten(fixed: dict) -> dict:
     """A `fixed:` block, whose `model` may be a nested mapping, as dotted keys."""
     model = fixed.get("model")
@@ -129,6 +148,22 @@ class SearchSpace:
                 self._check_setting(key, value)
         for key, value in self.fixed.items():
             self._check_setting(key, value)
+        self.defaults({"dataset": "-", **self.fixed_settings()})
+
+    def defaults(self, base: dict) -> dict:
+        """The search's first point: for each searched setting, what `fusionrec train` uses when no
+        flag sets it, with `base` (the space's `fixed:` settings and the command line's) on top.
+        A value outside the space fails in one line: Optuna cannot record a `choice` value its list
+        lacks (the search would crash at its first trial), and a range that leaves out the default
+        would make the first trial a point the search does not search."""
+        resolved = TrainConfig.from_dict(base).to_dict()  # every default filled in (id_l2: the objective's)
+        point = {key: _read_setting(resolved, key) for key in self.search}
+        for key, value in point.items():
+            kind, argument = next(iter(self.search[key].items()))
+            if not _can_sample(kind, argument, value):
+                raise ValueError(f"{self.path}: search.{key}: {{{kind}: {argument}}} must contain the default "
+                                 f"{value!r} (the first trial of every search)")
+        return point
 
     def _check_distribution(self, key: str, spec) -> list:
         """The values worth checking as settings: every choice, or both ends of a range."""
@@ -328,6 +363,7 @@ class SearchResult:
     test_metrics: dict
     selection: tuple[str, float]
     experiment_path: str
+    versus_defaults: str  # whether the selected trial is today's defaults or beat them (versus_defaults())
     promotion: object | None = None
 
 
@@ -342,7 +378,9 @@ def _experiment_folder(space: SearchSpace, dataset_name: str, resume: bool) -> P
     return root / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _leaderboard(grid, selection: Selection, epochs: int) -> pd.DataFrame:
+def _leaderboard(grid, selection: Selection, epochs: int, defaults: dict) -> pd.DataFrame:
+    """One row per trial that ran, best first; `defaults` marks the trial(s) whose sampled settings
+    are `defaults` (SearchSpace.defaults: the first trial)."""
     metric = selection.metric
     rows = []
     for result in grid:
@@ -351,8 +389,8 @@ def _leaderboard(grid, selection: Selection, epochs: int) -> pd.DataFrame:
             continue  # never started (a time budget ran out first)
         value = metrics.get(f"best_{metric}")
         epochs_run = int(metrics.get("training_iteration", 0))
-        rows.append({"trial": metrics.get("trial_id", Path(result.path).name), **{k: _fmt(v) for k, v in
-                                                                                  (result.config or {}).items()},
+        rows.append({"trial": metrics.get("trial_id", Path(result.path).name), "defaults": result.config == defaults,
+                     **{k: _fmt(v) for k, v in (result.config or {}).items()},
                      f"best_{metric}": value, "best_epoch": metrics.get("best_epoch"), "epochs_run": epochs_run,
                      "stopped_early": result.error is None and epochs_run < epochs,
                      "seconds": metrics.get("time_total_s"), "finished_at": metrics.get("timestamp"),
@@ -361,6 +399,19 @@ def _leaderboard(grid, selection: Selection, epochs: int) -> pd.DataFrame:
     if board.empty:
         return board
     return board.iloc[selection.best_first(board[f"best_{metric}"].astype(float).tolist())].reset_index(drop=True)
+
+
+def versus_defaults(board: pd.DataFrame, winner: pd.Series, metric: str) -> str:
+    """One line: is the selected trial (`winner`, a row of `board`) today's defaults, or by how much
+    did it beat them on validation?"""
+    column = f"best_{metric}"
+    if winner["defaults"]:
+        return f"the selected trial is today's defaults ({metric} {winner[column]:.4f}): no sampled trial beat them"
+    ran = board[board["defaults"] & board[column].notna()]
+    if ran.empty:
+        return "the defaults trial has no result (it failed, or a time budget ended the search first)"
+    return (f"the selected trial beat today's defaults on validation: {metric} {winner[column]:.4f} against "
+            f"{ran.iloc[0][column]:.4f} (trial {ran.iloc[0]['trial']})")
 
 
 def search(dataset: str, features: str | None, space_path: Path, trials: int = 20, epochs: int = 30,
@@ -372,10 +423,10 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
     KeyboardInterrupt after Tune saved its state; `resume=True` continues that search.
     `time_budget_s`: stop starting and running trials after that long (fewer trials may run)."""
     import mlflow
+    import optuna
     from mlflow import MlflowClient
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
     from fusionrec import registry
@@ -393,6 +444,7 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
         base["objective"] = objective
     base_cfg = TrainConfig.from_dict(base)
     base_cfg.check()
+    first = space.defaults(base)  # with the command line's objective, whose id_l2 default differs
     selection = base_cfg.selection
     prepared = prepare(base_cfg, pixels="cnn" in space.models())
     folder = _experiment_folder(space, prepared.dataset.spec.name, resume)
@@ -429,18 +481,20 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
             raise ValueError(f"{folder}: no Tune state to resume from")
         tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True)
     else:
-        searcher = (OptunaSearch(metric=selection.metric, mode=selection.mode, seed=seed) if search_alg == "tpe"
-                    else BasicVariantGenerator(random_state=seed, max_concurrent=concurrency))
+        # Today's defaults are the first trial (one of --trials), so the selected trial never validates
+        # worse than `fusionrec train` with no flags. Random search is Optuna's random sampler too:
+        # Tune's own BasicVariantGenerator fails on a list-valued first point (MLP widths) in Ray 2.60.
+        sampler = (optuna.samplers.TPESampler if search_alg == "tpe" else optuna.samplers.RandomSampler)(seed=seed)
+        searcher = OptunaSearch(metric=selection.metric, mode=selection.mode, sampler=sampler,
+                                points_to_evaluate=[first])
         # Every trial gets a quarter of the epochs before ASHA may stop it: after one epoch a small
         # learning rate looks worse than it ends.
         scheduler = (ASHAScheduler(metric=selection.metric, mode=selection.mode, max_t=epochs,
                                    grace_period=max(1, epochs // 4), reduction_factor=2)
                      if early_stopping else FIFOScheduler())
-        # Random search takes its concurrency limit itself (above); TuneConfig's binds a Searcher only.
-        limit = concurrency if search_alg == "tpe" else None
         tuner = tune.Tuner(trainable, param_space=space.param_space(), run_config=run_config,
                            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
-                                                       max_concurrent_trials=limit, reuse_actors=True,
+                                                       max_concurrent_trials=concurrency, reuse_actors=True,
                                                        time_budget_s=time_budget_s))
         folder.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"parent_run_id": parent_id, "space": str(space.path), "base": base}))
@@ -452,7 +506,7 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
     if time_budget_s is None and grid.num_terminated + grid.num_errors < trials:
         raise KeyboardInterrupt(f"search interrupted after {grid.num_terminated} of {trials} trials; "
                                 f"continue it with --resume ({folder})")
-    board = _leaderboard(grid, selection, epochs)
+    board = _leaderboard(grid, selection, epochs, first)
     done = board[board["status"] == "done"]
     if done.empty or pd.isna(done.iloc[0][f"best_{selection.metric}"]):
         raise RuntimeError(f"no trial finished with a {selection.metric}: see {folder}")
@@ -468,6 +522,7 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
     model.load_state_dict(state["best"]["state"])
     test_metrics = score_test(model.eval(), best_cfg, prepared)
     value = float(winner[f"best_{selection.metric}"])
+    against_defaults = versus_defaults(board, winner, selection.metric)
 
     client = MlflowClient()
     _close_child_runs(client, board, selection.metric)
@@ -477,8 +532,8 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
         model_uri = log_trained_model(model, best_cfg, prepared, winner["mlflow_run_id"], test_metrics)
     with atomic_file(folder / "leaderboard.csv") as tmp:
         board.to_csv(tmp, index=False)
-    with atomic_file(folder / "best.yaml") as tmp:
-        tmp.write_text(yaml.safe_dump(best, sort_keys=False))
+    with atomic_file(folder / "best.yaml") as tmp:  # a comment, so `fusionrec train --config` reads it as it is
+        tmp.write_text(f"# {against_defaults}\n{yaml.safe_dump(best, sort_keys=False)}")
     with mlflow.start_run(run_id=parent_id):
         mlflow.log_artifact(str(folder / "leaderboard.csv"))
         mlflow.log_artifact(str(folder / "best.yaml"))
@@ -486,15 +541,17 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
                             "stopped_early": int(board["stopped_early"].sum()),
                             **as_test_metrics(test_metrics)})
         mlflow.set_tag("fusionrec.best_run_id", winner["mlflow_run_id"])
+        mlflow.set_tag("fusionrec.best_is_defaults", str(bool(winner["defaults"])).lower())
     result = SearchResult(board, best, winner["mlflow_run_id"], parent_id, test_metrics, (selection.metric, value),
-                          str(folder))
+                          str(folder), against_defaults)
     if register:
         result.promotion = registry.register(model_uri, winner["mlflow_run_id"])
     return result
 
 
 def _close_child_runs(client, board: pd.DataFrame, metric: str) -> None:
-    """Mark each trial's run: its best validation value, whether ASHA stopped it, its final status."""
+    """Mark each trial's run: its best validation value, whether ASHA stopped it, whether it is the
+    defaults trial, its final status."""
     for row in board.itertuples(index=False):
         run_id = row.mlflow_run_id
         if not isinstance(run_id, str):
@@ -503,4 +560,5 @@ def _close_child_runs(client, board: pd.DataFrame, metric: str) -> None:
         if value is not None and not pd.isna(value):
             client.log_metric(run_id, f"best_{metric}", float(value))
         client.set_tag(run_id, "fusionrec.stopped_early", str(bool(row.stopped_early)).lower())
+        client.set_tag(run_id, "fusionrec.defaults", str(bool(row.defaults)).lower())
         client.set_terminated(run_id, "FAILED" if row.status == "failed" else "FINISHED")
