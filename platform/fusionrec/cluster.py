@@ -355,12 +355,19 @@ def target() -> Target:
     return Target(state.address, state)
 
 
+def job_client(tgt: Target):
+    """A JobSubmissionClient for the target (the GCS address or the dashboard's http:// address)."""
+    default_auth_mode()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(tgt.address)
+
+
 def status(tgt: Target) -> list[str]:
     """Lines describing the target cluster: nodes and CPUs, running jobs, the Serve application,
     the tracking server."""
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
-
-    from fusionrec.jobs import job_client
 
     client = job_client(tgt)
     dashboard = client.get_address()

@@ -15,23 +15,13 @@ import shlex
 from collections.abc import Callable
 from pathlib import Path
 
-from fusionrec.cluster import Target
+from fusionrec.cluster import Target, job_client
 from fusionrec.config import state_folder
-from fusionrec.ray_runtime import default_auth_mode
 
 JOBS_DIR = "jobs"
 # gitignore-style, relative to the working directory (Ray also honours .gitignore)
 EXCLUDES = ["/.git/", "/.venv/", "/.fusionrec/", "/mlruns/", "__pycache__/", ".pytest_cache/", ".ruff_cache/",
             "*.egg-info/"]
-
-
-def job_client(tgt: Target):
-    """A JobSubmissionClient for the target (the GCS address or the dashboard's http:// address)."""
-    default_auth_mode()
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from ray.job_submission import JobSubmissionClient
-
-    return JobSubmissionClient(tgt.address)
 
 
 def _dataset_folders(root: Path) -> list[str]:
