@@ -10,8 +10,9 @@ uses with no flags, the space's fixed settings on top), so the selected trial ne
 than they do; the leaderboard's `defaults` column and best.yaml's first line say whether it beat them.
 
 Each trial trains in its own process with `cpus_per_trial` CPUs, and one GPU on a cluster that has
-GPUs (no nested Ray Train worker group: on a small cluster that would hold a CPU per trial for the
-driver alone, see STACK.md), so as many trials run at once as the cluster has CPUs (and GPUs) for.
+GPUs (no nested Ray Train worker group: its driver would hold a whole CPU per trial, and on 2 CPUs
+with two workers a trial waited for its workers forever), so as many trials run at once as the
+cluster has CPUs (and GPUs) for.
 The test part never reaches a trial.
 """
 
