@@ -1,8 +1,14 @@
-"""Cold-item ranking baselines a practitioner reaches for first, behind the same `Recommender`
-interface (forward / score / score_all) as every trained model, so one evaluator scores them all.
+"""The baselines, behind the same `Recommender` interface (forward / score / score_all) as
+FusionNeuMF, so one evaluator scores them all.
 
-Neither has a parameter or a gradient step: `fit_ratings(users, items)` reads the training part
-once and stores what it needs as buffers (saved in the bundle's state dict like any weights).
+    svd  : mu + b_u + b_i + p_u . q_i (biased matrix factorisation)
+    dnn  : MLP over [structured ++ bag-of-words] of user and item, no IDs
+    cnn  : per side a small CNN over the raw 32 px image and an embedding bag over the hashed words,
+           trained end to end; MLP over both sides, no IDs
+
+And the cold-item ranking baselines a practitioner reaches for first. Neither has a parameter or a
+gradient step: `fit_ratings(users, items)` reads the training part once and stores what it needs
+as buffers (saved in the bundle's state dict like any weights).
 `train.fit` calls it instead of the Ray Train loop (`CountModel`): DDP refuses a module without
 trainable parameters and Adam an empty parameter list, and there are no epochs to choose.
 
@@ -20,9 +26,78 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
-from fusionrec.models.content import SideContent
-from fusionrec.models.nets import ModelConfig, Recommender, set_mean
+from fusionrec.models.content import PIXELS, SideContent
+from fusionrec.models.nets import ModelConfig, Recommender, mlp, set_mean
+
+
+class BiasedMF(Recommender):
+    """mu + b_u + b_i + p_u . q_i; the unknown rows stay zero, so unseen entities get mu + the other bias."""
+
+    def __init__(self, users: SideContent, items: SideContent, config: ModelConfig):
+        super().__init__(users, items, config)
+        d = config.embedding_dim
+        self.p, self.q = nn.Embedding(users.n + 1, d), nn.Embedding(items.n + 1, d)
+        self.b_u, self.b_i = nn.Embedding(users.n + 1, 1), nn.Embedding(items.n + 1, 1)
+        for table in (self.p, self.q):
+            nn.init.normal_(table.weight, std=0.05)
+        for table in (self.b_u, self.b_i):
+            nn.init.zeros_(table.weight)
+        self.mu = nn.Parameter(torch.tensor(float(config.global_mean)))
+
+    def score(self, user, item):
+        u, i = user["ids"], item["ids"]
+        return self.mu + self.b_u(u).squeeze(-1) + self.b_i(i).squeeze(-1) + (self.p(u) * self.q(i)).sum(-1)
+
+
+class ContentDNN(Recommender):
+    """An MLP over both sides' structured features and bag-of-words text."""
+
+    def __init__(self, users: SideContent, items: SideContent, config: ModelConfig):
+        super().__init__(users, items, config)
+        width = sum(b.structured.shape[1] + b.words.shape[1] for b in (self.users, self.items))
+        self.net = mlp([width, *config.mlp])
+        self.out = nn.Linear(config.mlp[-1], 1)
+        nn.init.constant_(self.out.bias, config.global_mean)
+
+    def score(self, user, item):
+        x = torch.cat([user["structured"], user["words"], item["structured"], item["words"]], dim=1)
+        return self.out(self.net(x)).squeeze(-1)
+
+
+class ContentCNN(Recommender):
+    """The CNN-based multimodal baseline: raw pixels and words, learned from scratch."""
+
+    def __init__(self, users: SideContent, items: SideContent, config: ModelConfig):
+        super().__init__(users, items, config)
+        d = config.content_dim
+
+        def image_net() -> nn.Module:  # [batch, 3, PIXELS, PIXELS] -> [batch, d]
+            return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                 nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                 nn.Flatten(), nn.Linear(32, d))
+
+        self.user_image, self.item_image = image_net(), image_net()
+        # An embedding bag over hashed words with their counts as weights is a linear map of the counts.
+        self.user_words = nn.Linear(self.users.words.shape[1], d) if self.users.words.shape[1] else None
+        self.item_words = nn.Linear(self.items.words.shape[1], d) if self.items.words.shape[1] else None
+        width = 2 * d + d * (self.user_words is not None) + d * (self.item_words is not None)
+        self.net = mlp([width, *config.mlp])
+        self.out = nn.Linear(config.mlp[-1], 1)
+        nn.init.constant_(self.out.bias, config.global_mean)
+
+    def _side(self, side, image_net, words_net) -> list[torch.Tensor]:
+        pixels = side["pixels"]
+        if pixels.shape[1] == 0:  # no images in this dataset: a zero picture
+            pixels = torch.zeros(len(pixels), 3 * PIXELS * PIXELS, device=pixels.device)
+        parts = [image_net(pixels.view(-1, 3, PIXELS, PIXELS))]
+        return parts + ([words_net(side["words"])] if words_net is not None else [])
+
+    def score(self, user, item):
+        x = torch.cat(self._side(user, self.user_image, self.user_words) +
+                      self._side(item, self.item_image, self.item_words), dim=1)
+        return self.out(self.net(x)).squeeze(-1)
 
 
 class CountModel(Recommender):

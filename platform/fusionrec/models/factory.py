@@ -1,7 +1,7 @@
 """Every model by its name (`ModelConfig.model`): `build_model` makes the one a config names.
 
-Here rather than in nets.py because the baselines build on nets.Recommender: this module imports
-both, and neither imports it.
+Apart from nets.py because the baselines build on nets.Recommender: this module imports both,
+and neither imports it.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
-from fusionrec.models.baselines import ContentKNN, GenrePopularity
+from fusionrec.models.baselines import BiasedMF, ContentCNN, ContentDNN, ContentKNN, GenrePopularity
 from fusionrec.models.content import SideContent
-from fusionrec.models.nets import FIXED_VARIANT, BiasedMF, ContentCNN, ContentDNN, FusionNeuMF, ModelConfig, Recommender
+from fusionrec.models.nets import FIXED_VARIANT, FusionNeuMF, ModelConfig, Recommender
 
 
 def _neumf(users: SideContent, items: SideContent, config: ModelConfig) -> FusionNeuMF:

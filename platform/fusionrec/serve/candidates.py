@@ -33,7 +33,8 @@ import faiss
 import numpy as np
 import torch
 
-from fusionrec.models.nets import BiasedMF, FusionNeuMF, Recommender
+from fusionrec.models.baselines import BiasedMF
+from fusionrec.models.nets import FusionNeuMF, Recommender
 
 # Measured on a trained 1M-item FusionNeuMF (ids + structured, 65-float keys, one core): a scan
 # took 22 ms a query; the IVF below (1,024 lists, 128 probed) 3.9 ms, built in 3 s, with every one
