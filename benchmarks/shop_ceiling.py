@@ -29,7 +29,7 @@ from sklearn.model_selection import cross_val_predict
 from fusionrec.data.schema import load_spec
 from fusionrec.data.synth import IMAGE_FACTORS, TEXT_FACTORS, SynthConfig, draw_entities, entity_ids
 from fusionrec.encoders.pipeline import embedding_matrix, feature_path, read_features
-from fusionrec.models.nets import set_mean
+from fusionrec.models.layers import set_mean
 from fusionrec.train import TrainConfig, prepare
 
 

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from fusionrec.models.content import PIXELS, SideContent
-from fusionrec.models.nets import ModelConfig, Recommender, mlp, set_mean
+from fusionrec.models.layers import mlp, set_mean
+from fusionrec.models.nets import ModelConfig, Recommender
 
 
 class BiasedMF(Recommender):

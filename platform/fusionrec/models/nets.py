@@ -9,8 +9,8 @@ row indices (index n = the unknown user/item), `score_all(user)` ranks every ite
         b   = id bias
         t, v = text and image CLS embeddings (z-scored, / sqrt(width)), each through a projection
               that users and items share: the fusion layer, per modality (linear, or with
-              `codebooks`, a few softmaxes over learned codes: see Codebooks); a text kept as a
-              set of sentence vectors is first attended over (SetPooling, one head per book)
+              `codebooks`, a few softmaxes over learned codes: see layers.Codebooks); a text kept as a
+              set of sentence vectors is first attended over (layers.SetPooling, one head per book)
         s   = MLP(structured one-hots ++ numbers), per side
         vector x = [p ++ T t ++ V v ++ s]   (content entries dropped out where the MLP reads them)
     rating = w . [x_u * x_i  ++  MLP_128->64(x_u ++ x_i)] + b_u + b_i + c
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from fusionrec.models.content import SideContent
+from fusionrec.models.layers import AttendedProjection, Codebooks, is_present, mlp, out_width
 
 CONTENT = ("text", "image", "structured", "words", "pixels")  # SideContent.arrays(), per row
 VARIANTS = ("full", "no_image", "no_text", "no_structured", "id_only")
@@ -58,7 +59,7 @@ class ModelConfig:
     content_dim: int = 32
     content_hidden: list[int] = field(default_factory=list)  # hidden widths of each content projection; [] = linear
     # `codebooks` > 0: each text/image projection ends in that many softmaxes over `codebook_size`
-    # codes (see Codebooks) instead of a linear map to `content_dim`.
+    # codes (see layers.Codebooks) instead of a linear map to `content_dim`.
     codebooks: int = 3
     codebook_size: int = 8
     id_dropout: float = 0.2
@@ -95,96 +96,6 @@ class ModelConfig:
                              f"{self.codebook_size}")
         if self.neighbours < 0:
             raise ValueError(f"neighbours must be non-negative (0: all), got {self.neighbours}")
-
-
-def mlp(widths: list[int], final_activation: bool = True) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for k, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
-        layers.append(nn.Linear(a, b))
-        if final_activation or k < len(widths) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
-class Codebooks(nn.Module):
-    """A content embedding -> `books` soft assignments, each over `size` codes: [batch, books * size].
-
-    Shared by users and items like the linear projection it replaces, so a user and an item whose
-    content falls on the same code of a book meet in the GMF product. Tastes are often categorical
-    (a favourite fabric, a colour, a genre): a softmax reads "which one" sharply, where a linear map
-    of the embedding mixes every level's direction into every product (docs/quality.md)."""
-
-    def __init__(self, dim: int, hidden: list[int], books: int, size: int):
-        super().__init__()
-        self.books, self.size, self.out_features = books, size, books * size
-        self.logits = mlp([dim, *hidden, books * size], final_activation=False)
-        self.input_scale = dim ** 0.5  # SideTower divides embeddings by sqrt(width): undone, so logits start O(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [batch, dim], or [batch, books, dim] with one input per book (SetPooling's heads)."""
-        logits = self.logits(x * self.input_scale)  # [batch, books * size] or [batch, books, books * size]
-        if x.dim() == 3:  # book b reads only its own input
-            logits = logits.view(len(x), self.books, self.books, self.size).diagonal(dim1=1, dim2=2).transpose(1, 2)
-        logits = logits.reshape(len(x), self.books, self.size)
-        return torch.softmax(logits, dim=-1).flatten(1)  # [batch, books * size]
-
-
-def is_present(x: torch.Tensor) -> torch.Tensor:
-    """[..., dim] -> [..., 1] bool: the vector is not all zeros (all zeros: no text or image, or padding)."""
-    return (x != 0).any(dim=-1, keepdim=True)
-
-
-class SetPooling(nn.Module):
-    """A set of sentence vectors [batch, set, dim] (an all-zero vector is padding) -> [batch, heads,
-    dim]: per head, a softmax-weighted mean of the set's vectors.
-
-    The scores start at zero, so every head starts as the plain mean of the set (encode's `mean`
-    pooling, up to standardising); training can then turn a head to the sentence that states the
-    taste it reads (docs/quality.md)."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.scores = nn.Linear(dim, heads)
-        nn.init.zeros_(self.scores.weight)
-        nn.init.zeros_(self.scores.bias)
-        self.input_scale = dim ** 0.5  # as in Codebooks: scores start O(1) once they are learned
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        present = is_present(x)  # [batch, set, 1]
-        # Padding gets a large negative score, not -inf: a row with no vectors (no text) then
-        # averages zeros into zero, where -inf would give NaN weights and NaN gradients.
-        scores = self.scores(x * self.input_scale).masked_fill(~present, -1e9)  # [batch, set, heads]
-        return torch.einsum("bsh,bsd->bhd", torch.softmax(scores, dim=1), x)
-
-
-class AttendedProjection(nn.Module):
-    """A modality's shared projection over sets of vectors: SetPooling, then the projection. With
-    codebooks there is one head per book, so each book can read the sentence that states its taste."""
-
-    def __init__(self, dim: int, projection: nn.Module):
-        super().__init__()
-        self.per_book = isinstance(projection, Codebooks)
-        self.pool = SetPooling(dim, projection.books if self.per_book else 1)
-        self.projection = projection
-        self.out_features = _out_width(projection)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [batch, set, dim]
-        pooled = self.pool(x)  # [batch, heads, dim]
-        return self.projection(pooled if self.per_book else pooled[:, 0])
-
-
-def set_mean(x: torch.Tensor, size: int) -> torch.Tensor:
-    """[rows, size * dim] sets of vectors -> [rows, dim], the mean of each row's present (non-zero)
-    vectors: what encode's `mean` chunk pooling gives. Size 1: x itself."""
-    if size == 1:
-        return x
-    vectors = x.reshape(len(x), size, -1)
-    present = is_present(vectors).float()
-    return (vectors * present).sum(1) / present.sum(1).clamp(min=1)
-
-
-def _out_width(projection: nn.Module) -> int:
-    return projection.out_features if hasattr(projection, "out_features") else projection[-1].out_features
 
 
 class ContentBank(nn.Module):
@@ -303,7 +214,7 @@ class SideTower(nn.Module):
         structured_dim = 0 if v in ("no_structured", "id_only") else bank.structured.shape[1]
         widths = [*config.content_hidden, config.content_dim]
         self.structured = mlp([structured_dim, *widths], final_activation=False) if structured_dim else None
-        self.widths = {name: _out_width(projection) for name, projection in media.items()}
+        self.widths = {name: out_width(projection) for name, projection in media.items()}
         self.out_dim = (config.embedding_dim + sum(self.widths.values())
                         + config.content_dim * (self.structured is not None))
 
