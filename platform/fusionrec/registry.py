@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fusionrec.config import state_folder
-from fusionrec.selection import Selection
+from fusionrec.selection import IDENTITY, Selection
 
 if TYPE_CHECKING:
     from mlflow.entities import RunData
@@ -88,11 +88,7 @@ def log_bundle(folder: Path) -> str:
     return info.model_uri
 
 
-# What a run records about what it was trained on (tags "fusionrec.<key>"). Validation metrics are
-# only comparable between runs that agree on all of these.
-IDENTITY = {"data": "dataset", "features": "set of feature tables", "split": "split", "seed": "split seed",
-            "objective": "objective"}
-TAG = "fusionrec."
+TAG = "fusionrec."  # a run's IDENTITY (selection.py) is tagged "fusionrec.<key>"
 
 
 def identity_tags(identity: dict[str, object], metric: str, mode: str) -> dict[str, str]:

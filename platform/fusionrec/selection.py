@@ -1,7 +1,7 @@
 """What "better" means: one validation metric per objective, and the comparison every choice uses.
 
 Epochs (train.py), trials (tune.py) and champions (registry.py) are all picked by `Selection`
-(`better`, `best_first`), on validation data only.
+(`better`, `best_first`), on validation data only, between runs that share an IDENTITY.
 """
 
 from __future__ import annotations
@@ -11,6 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 VALIDATION_K = 10  # implicit feedback is selected on nDCG at this cut-off
+# What makes two runs comparable: validation metrics are only compared between runs that agree on
+# all of these (registry.py tags every run with them; tune.py never searches the settings among them).
+IDENTITY = {"data": "dataset", "features": "set of feature tables", "split": "split", "seed": "split seed",
+            "objective": "objective"}
 
 
 @dataclass(frozen=True)

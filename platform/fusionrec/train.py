@@ -530,7 +530,7 @@ def loss_curve_png(history: dict[str, list[tuple[int, float]]], path: Path) -> N
 
 
 def run_identity(cfg: TrainConfig, prepared: Prepared) -> dict[str, str]:
-    """The MLflow tags saying what a run was trained on and selected by (registry.IDENTITY)."""
+    """The MLflow tags saying what a run was trained on and selected by (selection.IDENTITY)."""
     from fusionrec.registry import identity_tags
 
     return identity_tags({**prepared.fingerprints, "split": cfg.split, "seed": cfg.seed, "objective": cfg.objective},

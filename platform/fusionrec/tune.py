@@ -34,7 +34,7 @@ import yaml
 from fusionrec.config import state_folder
 from fusionrec.data.io import atomic_file
 from fusionrec.models.nets import ModelConfig
-from fusionrec.selection import Selection
+from fusionrec.selection import IDENTITY, Selection
 from fusionrec.train import (
     LoopData,
     TrainConfig,
@@ -50,9 +50,9 @@ from fusionrec.train import (
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 SPACE_KEYS = {"description", "fixed", "search"}
 PER_RUN = {"dataset", "features"}  # given on the command line, never searched
-# What a run is compared on (registry.IDENTITY): a space may fix these, never search them, so that
-# every trial of a search is selected on the same validation data.
-NOT_SEARCHED = {"split", "seed", "objective", "k", "workers", "max_failures"}
+# A space may fix these, never search them: what a run is compared on (selection.IDENTITY, so every
+# trial of a search is selected on the same validation data), and how it is scored and run.
+NOT_SEARCHED = (set(IDENTITY) - {"data", "features"}) | {"k", "workers", "max_failures"}
 SEARCHES = ("tpe", "random")
 
 
