@@ -29,7 +29,7 @@ import numpy as np
 import typer
 
 from fusionrec.evaluate import evaluate_bundle
-from fusionrec.models.nets import ModelConfig
+from fusionrec.models.config import ModelConfig
 from fusionrec.registry import download
 from fusionrec.train import TrainConfig, train
 

@@ -35,7 +35,7 @@ import typer
 from fusionrec.data.movielens import convert
 from fusionrec.data.synth import SynthConfig, generate
 from fusionrec.models.bundle import save_bundle
-from fusionrec.models.nets import ModelConfig
+from fusionrec.models.config import ModelConfig
 from fusionrec.serve.candidates import CandidateIndex, item_keys, user_query
 from fusionrec.serve.ranker import Ranker
 from fusionrec.train import TrainConfig, loop_data, prepare

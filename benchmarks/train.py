@@ -23,8 +23,8 @@ import typer
 
 from fusionrec.cluster import LocalCluster
 from fusionrec.data.synth import SynthConfig, generate
+from fusionrec.models.config import ModelConfig
 from fusionrec.models.factory import build_model
-from fusionrec.models.nets import ModelConfig
 from fusionrec.ray_runtime import ensure_ray
 from fusionrec.train import TrainConfig, _loss, fit, make_optimizer, prepare
 

@@ -139,9 +139,9 @@ def _make_bundle(shop, features, folder, model="fusion"):
     from fusionrec.encoders.pipeline import feature_encoders
     from fusionrec.evaluate import index_ratings
     from fusionrec.models.bundle import save_bundle
+    from fusionrec.models.config import ModelConfig
     from fusionrec.models.content import build_side
     from fusionrec.models.factory import build_model
-    from fusionrec.models.nets import ModelConfig
 
     data = load_dataset(shop, check_images=False)
     users = build_side(data.users, data.spec.users, "users", features)

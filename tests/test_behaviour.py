@@ -10,7 +10,7 @@ import pytest
 
 from fusionrec.data.schema import load_spec
 from fusionrec.data.synth import SynthConfig, generate
-from fusionrec.models.nets import ModelConfig
+from fusionrec.models.config import ModelConfig
 from fusionrec.train import TrainConfig, fit, prepare, score_test
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]

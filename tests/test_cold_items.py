@@ -15,9 +15,9 @@ from fusionrec.cli import app
 from fusionrec.data.schema import TableSpec
 from fusionrec.evaluate import full_ranking, top_k_among
 from fusionrec.models.bundle import load_bundle, save_bundle
+from fusionrec.models.config import ModelConfig
 from fusionrec.models.content import build_side
 from fusionrec.models.factory import build_model
-from fusionrec.models.nets import ModelConfig
 from fusionrec.train import TrainConfig
 from test_models import FixedScores  # the stand-in model of test_models.py (pytest puts tests/ on the path)
 

@@ -10,10 +10,10 @@ import torch
 from fusionrec.data.schema import TableSpec
 from fusionrec.evaluate import full_ranking
 from fusionrec.models.bundle import load_bundle, save_bundle
+from fusionrec.models.config import MODELS, NO_GRADIENT, VARIANTS, ModelConfig
 from fusionrec.models.content import StructuredEncoder, bag_of_words, build_side
 from fusionrec.models.factory import BUILDERS, build_model
 from fusionrec.models.layers import Codebooks, SetPooling, set_mean
-from fusionrec.models.nets import MODELS, NO_GRADIENT, VARIANTS, ModelConfig
 
 
 def sides(n_users=6, n_items=5):

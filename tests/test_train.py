@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fusionrec.cli import app
-from fusionrec.models.nets import ModelConfig
+from fusionrec.models.config import ModelConfig
 from fusionrec.train import TrainConfig, fit, prepare, train
 
 pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.integration]

@@ -30,7 +30,7 @@ from torch.utils._device import _device_constructors  # what torch.set_default_d
 
 import fusionrec.train
 import fusionrec.tune
-from fusionrec.models.nets import ModelConfig
+from fusionrec.models.config import ModelConfig
 from fusionrec.train import TrainConfig, load_state, loop_config, loop_data, new_model, prepare
 from fusionrec.tune import fit_in_trial
 

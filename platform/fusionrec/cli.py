@@ -241,7 +241,7 @@ def encode(
 @models_app.command("list")
 def models_list() -> None:
     """Show the recommendation models and FusionNeuMF's ablation variants."""
-    from fusionrec.models.nets import MODELS, VARIANTS
+    from fusionrec.models.config import MODELS, VARIANTS
 
     for name, description in MODELS.items():
         typer.echo(f"{name:12s} {description}")

@@ -14,7 +14,7 @@ Checkpoints are written every epoch; a lost worker restarts the group from the l
 (`SELECTION`: validation MSE for ratings, validation nDCG@10 over full ranking for implicit
 feedback), which are what gets evaluated and registered; what is validated is a moving average of
 the weights (`WeightAverage`, `ema_decay`). The test part is scored once, after.
-Models without gradients (`nets.NO_GRADIENT`: the genre-pop and content-knn baselines) skip the
+Models without gradients (`models.config.NO_GRADIENT`: the genre-pop and content-knn baselines) skip the
 Trainer: `fit` fits them in one pass from the training ratings and validates them the same way.
 """
 
@@ -41,9 +41,10 @@ from fusionrec.encoders.pipeline import feature_encoders
 from fusionrec.evaluate import candidate, full_ranking, index_ratings, ranking_candidates
 from fusionrec.models.baselines import CountModel
 from fusionrec.models.bundle import save_bundle
+from fusionrec.models.config import NO_GRADIENT, ModelConfig
 from fusionrec.models.content import SideContent, build_side
 from fusionrec.models.factory import build_model
-from fusionrec.models.nets import NO_GRADIENT, ModelConfig, Recommender
+from fusionrec.models.nets import Recommender
 from fusionrec.selection import SELECTION, VALIDATION_K, Selection
 
 READ_BATCH = 4096  # rows fetched from Ray Data at a time
@@ -495,7 +496,7 @@ def fit(cfg: TrainConfig, prepared: Prepared, storage: Path,
 
 def fit_without_gradients(cfg: TrainConfig, data: LoopData, mlflow_target: dict | None = None
                           ) -> tuple[CountModel, dict]:
-    """A model without parameters (`nets.NO_GRADIENT`), fitted in one pass from the training ratings
+    """A model without parameters (`models.config.NO_GRADIENT`), fitted in one pass from the training ratings
     and validated like an epoch (`fit`'s return shape, one "epoch" 0). No Ray Train: DDP refuses a
     module without trainable parameters, Adam an empty parameter list, and there is no epoch to choose."""
     model = new_model(data, loop_config(cfg, data, 1)["model"])

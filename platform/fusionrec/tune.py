@@ -33,7 +33,7 @@ import yaml
 
 from fusionrec.config import state_folder
 from fusionrec.data.io import atomic_file
-from fusionrec.models.nets import ModelConfig
+from fusionrec.models.config import ModelConfig
 from fusionrec.selection import IDENTITY, Selection
 from fusionrec.train import (
     LoopData,

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from fusionrec.models.config import ModelConfig
 from fusionrec.models.content import PIXELS, SideContent
 from fusionrec.models.layers import mlp, set_mean
-from fusionrec.models.nets import ModelConfig, Recommender
+from fusionrec.models.nets import Recommender
 
 
 class BiasedMF(Recommender):

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fusionrec.models.config import ModelConfig
 from fusionrec.models.content import SideContent, StructuredEncoder
 from fusionrec.models.factory import build_model
-from fusionrec.models.nets import ModelConfig, Recommender
+from fusionrec.models.nets import Recommender
 
 
 def save_bundle(folder: Path, model: Recommender, users: SideContent, items: SideContent, extra: dict,

@@ -10,8 +10,9 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from fusionrec.models.baselines import BiasedMF, ContentCNN, ContentDNN, ContentKNN, GenrePopularity
+from fusionrec.models.config import FIXED_VARIANT, ModelConfig
 from fusionrec.models.content import SideContent
-from fusionrec.models.nets import FIXED_VARIANT, FusionNeuMF, ModelConfig, Recommender
+from fusionrec.models.nets import FusionNeuMF, Recommender
 
 
 def _neumf(users: SideContent, items: SideContent, config: ModelConfig) -> FusionNeuMF:
