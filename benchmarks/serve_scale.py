@@ -12,7 +12,7 @@ large batches (Adam steps the whole id table each batch: small batches take most
      its model: exact full ranking at or below its `candidates_above`, two stages above;
   3. one client, sequential known-user /recommend k=10 over HTTP: p50 and p99 (after a warm-up);
   4. recall@100: the served top 100 against exact full ranking (in this process, every item scored)
-     for 50 users;
+     for 50 users, and that exact ranking's median time (what a request would cost without the index);
   5. the ranker replica's resident memory (its process, found through Ray's state API).
 The sizes run one after another, so a busy machine shows as noise between them: run it on a quiet
 one. The last line printed is JSON, with the target p50(largest) <= 2 x p50(smallest).
@@ -93,17 +93,20 @@ def replica_rss_mb() -> float:
     return round(sum(psutil.Process(pid).memory_info().rss for pid in pids) / 2**20, 1)
 
 
-def served_recall(base: str, bundle: Path, users: list[str]) -> float:
-    """Mean recall@K of the served top K against exact ranking of every item (in this process)."""
+def served_recall(base: str, bundle: Path, users: list[str]) -> tuple[float, float]:
+    """Mean recall@K of the served top K against exact ranking of every item (in this process),
+    and the median milliseconds of that exact ranking (what a replica would spend without the index)."""
     from fusionrec.serve.ranker import Ranker
 
     exact = Ranker(str(bundle), candidates_above=10**12)
-    found = []
+    found, took = [], []
     for user in users:
         served = requests.post(f"{base}/recommend", json={"user_id": user, "k": K}, timeout=60).json()
+        started = time.perf_counter()
         truth = exact.recommend(user, K)
+        took.append((time.perf_counter() - started) * 1000)
         found.append(recall([i["item_id"] for i in truth["items"]], [i["item_id"] for i in served["items"]]))
-    return float(np.mean(found))
+    return float(np.mean(found)), round(float(np.median(took)), 1)
 
 
 def measure(bundle: Path, items: int, calls: int, port: int) -> dict:
@@ -125,7 +128,7 @@ def measure(bundle: Path, items: int, calls: int, port: int) -> dict:
         asyncio.run(one_client(base, users, 20))  # warm-up
         result["one_client"] = {k: v for k, v in percentiles(asyncio.run(one_client(base, users, calls))).items()
                                 if k in ("p50_ms", "p99_ms")}
-        result[f"recall_at_{K}"] = served_recall(base, bundle, users[:RECALL_USERS])
+        result[f"recall_at_{K}"], result["exact_in_process_p50_ms"] = served_recall(base, bundle, users[:RECALL_USERS])
         result["replica_rss_mb"] = replica_rss_mb()
     finally:
         serve_app.stop()
@@ -134,7 +137,8 @@ def measure(bundle: Path, items: int, calls: int, port: int) -> dict:
                                      f"+{index['memory_mb']} MB" if index else "exact ranking, no index")
           + f"; 1 client p50 "
           f"{result['one_client']['p50_ms']} ms p99 {result['one_client']['p99_ms']} ms; recall@{K} "
-          f"{result[f'recall_at_{K}']:.4f}; ranker replica {result['replica_rss_mb']:,.0f} MB", flush=True)
+          f"{result[f'recall_at_{K}']:.4f} (exact ranking in-process: {result['exact_in_process_p50_ms']} ms); "
+          f"ranker replica {result['replica_rss_mb']:,.0f} MB", flush=True)
     return result
 
 
