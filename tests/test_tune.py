@@ -120,7 +120,7 @@ def test_search_selects_on_validation_and_logs_children_under_one_parent(home, t
     monkeypatch.setattr(fusionrec.tune, "loop_data", loop_data)
     space = write_space(tmp_path, GOOD)
     result = runner.invoke(app, ["tune", str(tiny_shop), "--features", str(features), "--space", str(space),
-                                 "--trials", "4", "--epochs", "2", "--register"])
+                                 "--trials", "4", "--epochs", "2", "--register", "--confirm-seeds", "0"])
     assert result.exit_code == 0, result.output
     assert events == ["search finished", "test scored"]  # the test part is scored once, after the choice
 
@@ -169,7 +169,7 @@ def test_asha_stops_a_weak_trial_early(home, tiny_shop, features, tmp_path):
     space = write_space(tmp_path, {"fixed": {"model": {"codebooks": 0}},
                                    "search": {"lr": {"loguniform": [1e-7, 0.05]}}}, "lr.yaml")
     result = search(str(tiny_shop), str(features), space, trials=4, epochs=3, max_concurrent=1,
-                    search_alg="random", seed=3, progress=False)
+                    search_alg="random", seed=3, progress=False, confirm_seeds=0)
     board = result.leaderboard
     assert len(board) == 4 and board["stopped_early"].any()
     assert (board.loc[board["stopped_early"], "epochs_run"] < 3).all()
@@ -187,7 +187,7 @@ def test_the_defaults_are_the_first_trial_so_a_hopeless_space_crowns_them(home, 
     # from it is hopeless: every sampled rate is far below it (checked below; the search is seeded).
     space = write_space(tmp_path, {"search": {"lr": {"loguniform": [1e-7, 0.005]}}}, "lr.yaml")
     result = search(str(tiny_shop), str(features), space, trials=4, epochs=3, max_concurrent=1, seed=0,
-                    progress=False)
+                    progress=False, confirm_seeds=0)
     board = result.leaderboard
     assert len(board) == 4 and board["defaults"].sum() == 1  # the first trial is one of --trials
     assert (board.loc[~board["defaults"], "lr"].astype(float) < 0.001).all()
@@ -199,6 +199,111 @@ def test_the_defaults_are_the_first_trial_so_a_hopeless_space_crowns_them(home, 
     assert best_yaml.read_text().startswith("# the selected trial is today's defaults")
     assert load_config(best_yaml).to_dict() == defaults
     assert MlflowClient().get_run(result.parent_run_id).data.tags["fusionrec.best_is_defaults"] == "true"
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("local_ray")
+def test_a_trial_that_won_on_a_lucky_seed_loses_after_confirmation(home, tiny_shop, features, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+    from ray import tune
+
+    import fusionrec.train
+    import fusionrec.tune
+    from fusionrec.train import load_config
+
+    def val_mse(lr: float, seed: int) -> float:
+        # On the search's seed (0) a higher learning rate validates better; on every other seed it
+        # validates worse by as much: over three seeds the lowest rate has the best mean.
+        return 1 - 10 * lr if seed == 0 else 1 + 10 * lr
+
+    def fit(cfg, data, threads, device, report):  # fit_in_trial, one epoch that validates at val_mse()
+        from fusionrec.train import loop_config, new_model
+
+        model = new_model(data, loop_config(cfg, data, threads)["model"])
+        value = val_mse(cfg.lr, cfg.seed)
+        report({"epoch": 0, "train_loss": value, "val_loss": value, "val_mse": value, "samples_per_s": 1.0,
+                "best_val_mse": value, "best_epoch": 0}, {"best": {"state": model.state_dict(), "value": value}})
+        return model, {}
+
+    def trial(*args, **kwargs):
+        # Runs in a Tune worker (a local function travels by value), whose fusionrec.tune is its own
+        # import: its run_trial as it is, training with fit().
+        import fusionrec.tune as worker
+
+        real_fit, worker.fit_in_trial = worker.fit_in_trial, fit
+        try:
+            worker.run_trial(*args, **kwargs)
+        finally:
+            worker.fit_in_trial = real_fit
+
+    events, original_fit, original_score = [], tune.Tuner.fit, fusionrec.train.score_test
+
+    def tuner_fit(self):
+        grid = original_fit(self)
+        events.append("round finished")
+        return grid
+
+    def score_test(*args, **kwargs):
+        events.append("test scored")
+        return original_score(*args, **kwargs)
+
+    monkeypatch.setattr(fusionrec.tune, "run_trial", trial)
+    monkeypatch.setattr(tune.Tuner, "fit", tuner_fit)
+    monkeypatch.setattr(fusionrec.train, "score_test", score_test)
+    space = write_space(tmp_path, {"search": {"lr": {"loguniform": [0.001, 0.05]}}}, "lr.yaml")
+    result = runner.invoke(app, ["tune", str(tiny_shop), "--features", str(features), "--space", str(space),
+                                 "--trials", "5", "--epochs", "1", "--search", "random"])  # --confirm-seeds 2
+    assert result.exit_code == 0, result.output
+    assert events == ["round finished", "round finished", "test scored"]  # the search, the confirmation round
+
+    board = pd.read_csv(next((home / "tune").glob("lr-*/leaderboard.csv")))
+    confirmed = board[board["mean_val_mse"].notna()]
+    top = board.nsmallest(3, "best_val_mse")  # on the search's seed: the 3 highest learning rates
+    assert set(confirmed["trial"]) == set(top["trial"]) | set(board.loc[board["defaults"], "trial"])
+    lucky = top.iloc[0]
+    crowned = board.iloc[0]
+    assert crowned["trial"] == confirmed.loc[confirmed["best_val_mse"].idxmax(), "trial"]  # its lowest rate
+    assert crowned["trial"] != lucky["trial"]
+    first_seed = confirmed["best_val_mse"]  # then 2 - that on seeds 1 and 2
+    assert confirmed["mean_val_mse"].tolist() == pytest.approx(((4 - first_seed) / 3).tolist())
+    assert confirmed["std_val_mse"].tolist() == pytest.approx((abs(2 * first_seed - 2) * 2 ** 0.5 / 3).tolist())
+
+    best_yaml = next((home / "tune").glob("lr-*/best.yaml"))
+    spread = yaml.safe_load(best_yaml.read_text().splitlines()[1].split(": ", 1)[1])
+    v0 = crowned["best_val_mse"]
+    assert spread["seeds"] == pytest.approx({0: v0, 1: 2 - v0, 2: 2 - v0})
+    assert (spread["mean"], spread["std"]) == pytest.approx((crowned["mean_val_mse"], crowned["std_val_mse"]))
+    cfg = load_config(best_yaml)  # still a `fusionrec train --config` file
+    assert cfg.seed == 0 and val_mse(cfg.lr, 0) == pytest.approx(v0)
+    assert f"mean val_mse {crowned['mean_val_mse']:.4f} ± {crowned['std_val_mse']:.4f}" in result.stdout
+
+    client = MlflowClient()
+    parent = client.search_runs([client.get_experiment_by_name("fusionrec").experiment_id],
+                                "tags.mlflow.runName = 'tune lr'")[0]
+    assert parent.data.tags["fusionrec.best_run_id"] == crowned["mlflow_run_id"]
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    confirming = [c for c in children if "fusionrec.confirms" in c.data.tags]
+    assert len(children) == 5 + len(confirming) and {c.info.status for c in children} == {"FINISHED"}
+    assert sorted((c.data.tags["fusionrec.confirms"], c.data.tags["fusionrec.training_seed"]) for c in confirming) \
+        == sorted((trial, seed) for trial in confirmed["trial"] for seed in ("1", "2"))
+
+
+def test_confirmation_candidates_are_the_best_three_finished_and_the_defaults():
+    from fusionrec.tune import confirmation_candidates
+
+    board = pd.DataFrame({"trial": list("abcdef"), "best_val_mse": [0.5, 0.6, 0.7, 0.8, 0.9, None],
+                          "status": ["done", "failed", "done", "done", "done", "done"],
+                          "defaults": [False, False, False, False, True, False]})
+    assert confirmation_candidates(board, "val_mse")["trial"].tolist() == ["a", "c", "d", "e"]
+    board.loc[4, "defaults"], board.loc[0, "defaults"] = False, True  # the defaults among the best: no extra trial
+    assert confirmation_candidates(board, "val_mse")["trial"].tolist() == ["a", "c", "d"]
+
+
+def test_cli_refuses_negative_confirm_seeds_in_one_line(tmp_path, tiny_shop):
+    space = write_space(tmp_path, GOOD)
+    result = runner.invoke(app, ["tune", str(tiny_shop), "--space", str(space), "--confirm-seeds", "-1"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "error: --confirm-seeds must be 0 (no confirmation) or more, not -1"
 
 
 @pytest.mark.integration

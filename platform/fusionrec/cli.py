@@ -458,6 +458,9 @@ def tune(
     resume: Annotated[bool, typer.Option(help="Continue the latest interrupted search of this space and dataset.")]
     = False,
     time_budget: Annotated[float | None, typer.Option(help="Stop the search after this many seconds.")] = None,
+    confirm_seeds: Annotated[int, typer.Option(help="Before choosing, train the 3 best trials (and the defaults "
+                                                    "trial) again on this many more seeds and choose on the mean; "
+                                                    "0: choose on one seed.")] = 2,
 ) -> None:
     """Search training configurations with Ray Tune, choose on validation, score the choice on test once."""
     import yaml
@@ -468,14 +471,27 @@ def tune(
         result = run_search(str(dataset), str(features) if features else None, space, trials=trials, epochs=epochs,
                             max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial, seed=seed, split=split,
                             objective=objective, search_alg=search, early_stopping=early_stopping,
-                            register=register, resume=resume, time_budget_s=time_budget)
+                            register=register, resume=resume, time_budget_s=time_budget,
+                            confirm_seeds=confirm_seeds)
     except KeyboardInterrupt as interrupted:
         fail(str(interrupted) or "search interrupted; continue it with --resume")
     metric, value = result.selection
-    columns = [c for c in result.leaderboard.columns if c not in ("mlflow_run_id", "status", "finished_at")]
-    typer.echo(f"best 10 of {len(result.leaderboard)} trials by {metric} (validation):")
-    typer.echo(result.leaderboard[columns].head(10).to_string(index=False))
-    typer.echo(f"selected trial: {metric} {value:.4f}; its test metrics (scored once, after the choice): "
+    board = result.leaderboard
+    columns = [c for c in board.columns if c not in ("mlflow_run_id", "status", "finished_at", "seeds")]
+    if result.spread:
+        typer.echo(f"best 10 of {len(board)} trials: the {int(board['seeds'].notna().sum())} confirmed on "
+                   f"{len(result.spread['seeds'])} seeds first, by mean {metric} (validation), then the rest by "
+                   f"{metric}:")
+    else:
+        typer.echo(f"best 10 of {len(board)} trials by {metric} (validation):")
+    typer.echo(board[columns].head(10).to_string(index=False))
+    scored = "selected trial"
+    if result.spread:
+        per_seed = ", ".join(f"seed {seed} {v:.4f}" for seed, v in result.spread["seeds"].items())
+        typer.echo(f"selected trial: mean {metric} {result.spread['mean']:.4f} ± {result.spread['std']:.4f} (std) "
+                   f"over its seeds ({per_seed})")
+        scored = f"its model trained on seed {result.best['seed']}"
+    typer.echo(f"{scored}: {metric} {value:.4f}; its test metrics (scored once, after the choice): "
                f"{json.dumps(result.test_metrics)}")
     typer.echo(result.versus_defaults)
     typer.echo(yaml.safe_dump(result.best, sort_keys=False).rstrip())

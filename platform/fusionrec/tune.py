@@ -2,12 +2,18 @@
 
     SearchSpace.load(path)    tune/*.yaml -> a checked search space (unknown keys, bad ranges fail)
     fit_in_trial(...)         train.py's epoch loop inside one Tune trial, one report per epoch
-    search(...)               Tuner (ASHA + Optuna TPE, or random) -> leaderboard -> the best trial's
-                              model scored on test once -> MLflow (a parent run, a child per trial)
+    search(...)               Tuner (ASHA + Optuna TPE, or random) -> leaderboard -> the best trials
+                              trained again on more seeds -> the best mean's model scored on test
+                              once -> MLflow (a parent run, a child per trial and per confirmation)
 
 The first trial of every search is today's defaults (`SearchSpace.defaults`: what `fusionrec train`
 uses with no flags, the space's fixed settings on top), so the selected trial never validates worse
 than they do; the leaderboard's `defaults` column and best.yaml's first line say whether it beat them.
+
+A trial trains on one seed, and one seed can be lucky. So, before one is crowned, the CONFIRM_TOP
+best trials on validation, and the defaults trial if it is not among them, train again on
+`confirm_seeds` more seeds (seed+1, ..., the same settings and epochs, no early stopping), and the
+trial with the best mean validation metric over its seeds is selected.
 
 Each trial trains in its own process with `cpus_per_trial` CPUs, and one GPU on a cluster that has
 GPUs (no nested Ray Train worker group: its driver would hold a whole CPU per trial, and on 2 CPUs
@@ -19,7 +25,9 @@ The test part never reaches a trial.
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -54,6 +62,7 @@ PER_RUN = {"dataset", "features"}  # given on the command line, never searched
 # trial of a search is selected on the same validation data), and how it is scored and run.
 NOT_SEARCHED = (set(IDENTITY) - {"data", "features"}) | {"k", "workers", "max_failures"}
 SEARCHES = ("tpe", "random")
+CONFIRM_TOP = 3  # the best trials on validation that the confirmation round trains again (and the defaults)
 
 
 def _settings_keys() -> set[str]:
@@ -265,24 +274,34 @@ def fit_in_trial(cfg: TrainConfig, data: LoopData, threads: int, device: torch.d
     return model.eval(), last
 
 
-def run_trial(sampled: dict, data: LoopData, base: dict, threads: int, mlflow_target: dict) -> None:
-    """One trial of `fusionrec tune`: `base` settings with the sampled ones, logged as a child run."""
+def run_trial(config: dict, data: LoopData, base: dict, threads: int, mlflow_target: dict,
+              confirming: dict | None = None) -> None:
+    """One trial of `fusionrec tune`: `base` settings with the sampled ones (`config`), logged as a
+    child run. In the confirmation round `confirming` maps each search trial it confirms to its
+    sampled settings, and `config` is {"confirms": one of those trials, "seed": the seed to train on}:
+    its child run is tagged fusionrec.confirms and fusionrec.training_seed (fusionrec.seed is the
+    split's)."""
     from mlflow import MlflowClient
     from ray import tune
 
     from fusionrec.ray_runtime import assigned_device
     from fusionrec.train import config_params
 
+    trial_id = tune.get_context().get_trial_id()
+    sampled, run_name, tags = config, trial_id, {"fusionrec.trial_id": trial_id}
+    if confirming:
+        sampled = {**confirming[config["confirms"]], "seed": config["seed"]}
+        run_name = f"{config['confirms']} seed {config['seed']}"
+        tags |= {"fusionrec.confirms": config["confirms"], "fusionrec.training_seed": str(config["seed"])}
     cfg = TrainConfig.from_dict(with_settings(base, sampled))
     client = MlflowClient(mlflow_target["uri"])
-    trial_id = tune.get_context().get_trial_id()
     checkpoint = tune.get_checkpoint()
     if checkpoint:  # resumed: keep logging to the trial's run
         with checkpoint.as_directory() as folder:
             run_id = load_state(Path(folder) / "state.pt")["run_id"]
     else:
-        run = client.create_run(mlflow_target["experiment_id"], run_name=trial_id, tags={
-            **mlflow_target["tags"], "mlflow.parentRunId": mlflow_target["parent"], "fusionrec.trial_id": trial_id})
+        run = client.create_run(mlflow_target["experiment_id"], run_name=run_name, tags={
+            **mlflow_target["tags"], "mlflow.parentRunId": mlflow_target["parent"], **tags})
         run_id = run.info.run_id
         params = config_params(cfg, mlflow_target["dataset_name"])
         client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
@@ -301,16 +320,16 @@ def _param(key: str, value):
 
 
 class TrialProgress:
-    """A Tune callback: a bar over trials and one line per finished, stopped or failed trial, which
-    `describe(trial, state)` writes ("done" / "failed")."""
+    """A Tune callback: a bar (named `desc`) over trials and one line per finished, stopped or failed
+    trial, which `describe(trial, state)` writes ("done" / "failed")."""
 
-    def __new__(cls, total: int, describe: Callable[[object, str], str]):
+    def __new__(cls, total: int, describe: Callable[[object, str], str], desc: str = "trials"):
         from ray.tune import Callback
         from tqdm import tqdm
 
         class _Progress(Callback):
             def __init__(self):
-                self.bar = tqdm(total=total, desc="trials", unit="trial", disable=None)
+                self.bar = tqdm(total=total, desc=desc, unit="trial", disable=None)
 
             def on_trial_complete(self, iteration, trials, trial, **info):
                 self.bar.write(describe(trial, "done"), file=sys.stderr)
@@ -365,6 +384,9 @@ class SearchResult:
     selection: tuple[str, float]
     experiment_path: str
     versus_defaults: str  # whether the selected trial is today's defaults or beat them (versus_defaults())
+    # The selected trial's validation values over its seeds, {"seeds": {seed: value}, "mean": m, "std": s}
+    # (seed_spread()); None without a confirmation round.
+    spread: dict | None = None
     promotion: object | None = None
 
 
@@ -402,16 +424,43 @@ def _leaderboard(grid, selection: Selection, epochs: int, defaults: dict) -> pd.
     return board.iloc[selection.best_first(board[f"best_{metric}"].astype(float).tolist())].reset_index(drop=True)
 
 
+def confirmation_candidates(board: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The rows of `board` (best first) that the confirmation round trains again: the CONFIRM_TOP best
+    finished trials, and the defaults trial if it finished outside them (so that the defaults stay
+    comparable)."""
+    done = board[(board["status"] == "done") & board[f"best_{metric}"].notna()]
+    return pd.concat([done.head(CONFIRM_TOP), done[done["defaults"]]]).drop_duplicates("trial")
+
+
+def seed_spread(board: pd.DataFrame, values: dict[str, dict[int, float]], selection: Selection) -> pd.DataFrame:
+    """`board` with the confirmation round's outcome: for each confirmed trial (`values`: trial ->
+    {seed: its best validation value on that seed}, the search's own seed included) `seeds` holds
+    those values, `mean_<metric>` and `std_<metric>` (std over seeds, ddof 0 as `fusionrec ablate`;
+    NaN when a seed failed or diverged) their spread. The confirmed trials come first, best mean
+    first; the others follow in their order."""
+    metric = selection.metric
+    spread = {trial: pd.Series(by_seed, dtype=float) for trial, by_seed in values.items()}
+    board = board.assign(seeds=board["trial"].map(values.get),
+                         **{f"mean_{metric}": board["trial"].map({t: s.mean(skipna=False) for t, s in spread.items()}),
+                            f"std_{metric}": board["trial"].map({t: s.std(ddof=0, skipna=False)
+                                                                 for t, s in spread.items()})})
+    confirmed = board[board["trial"].isin(values)]
+    confirmed = confirmed.iloc[selection.best_first(confirmed[f"mean_{metric}"].tolist())]
+    return pd.concat([confirmed, board[~board["trial"].isin(values)]]).reset_index(drop=True)
+
+
 def versus_defaults(board: pd.DataFrame, winner: pd.Series, metric: str) -> str:
     """One line: is the selected trial (`winner`, a row of `board`) today's defaults, or by how much
-    did it beat them on validation?"""
-    column = f"best_{metric}"
+    did it beat them on validation (on the mean over seeds, if the trials were confirmed)?"""
+    column, what = f"best_{metric}", metric
+    if f"mean_{metric}" in board:
+        column, what = f"mean_{metric}", f"mean {metric} over {len(winner['seeds'])} seeds"
     if winner["defaults"]:
-        return f"the selected trial is today's defaults ({metric} {winner[column]:.4f}): no sampled trial beat them"
+        return f"the selected trial is today's defaults ({what} {winner[column]:.4f}): no sampled trial beat them"
     ran = board[board["defaults"] & board[column].notna()]
     if ran.empty:
         return "the defaults trial has no result (it failed, or a time budget ended the search first)"
-    return (f"the selected trial beat today's defaults on validation: {metric} {winner[column]:.4f} against "
+    return (f"the selected trial beat today's defaults on validation: {what} {winner[column]:.4f} against "
             f"{ran.iloc[0][column]:.4f} (trial {ran.iloc[0]['trial']})")
 
 
@@ -419,10 +468,12 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
            max_concurrent: int | None = None, cpus_per_trial: float = 1, seed: int = 0, split: str = "random",
            objective: str | None = None, search_alg: str = "tpe", early_stopping: bool = True,
            register: bool = False, resume: bool = False, progress: bool = True,
-           time_budget_s: float | None = None) -> SearchResult:
+           time_budget_s: float | None = None, confirm_seeds: int = 2) -> SearchResult:
     """The whole `fusionrec tune` (see the module docstring). Interrupted (Ctrl-C): raises
-    KeyboardInterrupt after Tune saved its state; `resume=True` continues that search.
-    `time_budget_s`: stop starting and running trials after that long (fewer trials may run)."""
+    KeyboardInterrupt after Tune saved its state; `resume=True` continues that search (and redoes a
+    confirmation round that was interrupted). `time_budget_s`: stop starting and running trials after
+    that long (fewer trials may run; the confirmation round is not bounded by it). `confirm_seeds`:
+    the seeds the best trials train on again (0: select on the search's one seed)."""
     import mlflow
     import optuna
     from mlflow import MlflowClient
@@ -438,6 +489,8 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
         raise ValueError(f"unknown search {search_alg!r}: choose one of {', '.join(SEARCHES)}")
     if trials < 1 or epochs < 1 or cpus_per_trial <= 0 or (max_concurrent is not None and max_concurrent < 1):
         raise ValueError("--trials, --epochs and --max-concurrent must be at least 1, --cpus-per-trial positive")
+    if confirm_seeds < 0:
+        raise ValueError(f"--confirm-seeds must be 0 (no confirmation) or more, not {confirm_seeds}")
     space = SearchSpace.load(space_path)
     base = with_settings(space.fixed_settings(), {"dataset": str(dataset), "features": str(features) if features
                                                   else None, "epochs": epochs, "seed": seed, "split": split})
@@ -465,22 +518,27 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
             mlflow.log_params({"space": str(space.path), "trials": trials, "epochs": epochs, "search": search_alg,
                                "early_stopping": early_stopping, "max_concurrent": concurrency,
                                "cpus_per_trial": cpus_per_trial, "dataset": dataset, "features": features,
-                               "split": split, "seed": seed, "objective": base_cfg.objective})
+                               "split": split, "seed": seed, "objective": base_cfg.objective,
+                               "confirm_seeds": confirm_seeds})
             mlflow.log_artifact(str(space.path))
     target = {"uri": registry.tracking_uri(), "experiment_id": experiment_id, "parent": parent_id,
               "tags": run_identity(base_cfg, prepared), "dataset_name": prepared.dataset.spec.name}
     data = loop_data(prepared.users, prepared.items, prepared.ratings, prepared.split)  # no test rows
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, data=data, base=base, threads=threads, mlflow_target=target),
-        trial_resources(cpus_per_trial))
+
+    def trainable(**confirming):
+        return tune.with_resources(tune.with_parameters(run_trial, data=data, base=base, threads=threads,
+                                                        mlflow_target=target, **confirming),
+                                   trial_resources(cpus_per_trial))
+
     quiet_tune()
-    callback = TrialProgress(trials, _describe_trial(selection.metric, epochs)) if progress else None
+    describe = _describe_trial(selection.metric, epochs)
+    callback = TrialProgress(trials, describe) if progress else None
     run_config = tune.RunConfig(name=folder.name, storage_path=str(folder.parent), verbose=0,
                                 callbacks=[callback] if callback else None)
     if resume:
         if not tune.Tuner.can_restore(str(folder)):
             raise ValueError(f"{folder}: no Tune state to resume from")
-        tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True)
+        tuner = tune.Tuner.restore(str(folder), trainable=trainable(), resume_unfinished=True)
     else:
         # Today's defaults are the first trial (one of --trials), so the selected trial never validates
         # worse than `fusionrec train` with no flags. Random search is Optuna's random sampler too:
@@ -493,7 +551,7 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
         scheduler = (ASHAScheduler(metric=selection.metric, mode=selection.mode, max_t=epochs,
                                    grace_period=max(1, epochs // 4), reduction_factor=2)
                      if early_stopping else FIFOScheduler())
-        tuner = tune.Tuner(trainable, param_space=space.param_space(), run_config=run_config,
+        tuner = tune.Tuner(trainable(), param_space=space.param_space(), run_config=run_config,
                            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
                                                        max_concurrent_trials=concurrency, reuse_actors=True,
                                                        time_budget_s=time_budget_s))
@@ -507,11 +565,27 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
     if time_budget_s is None and grid.num_terminated + grid.num_errors < trials:
         raise KeyboardInterrupt(f"search interrupted after {grid.num_terminated} of {trials} trials; "
                                 f"continue it with --resume ({folder})")
+    metric = selection.metric
     board = _leaderboard(grid, selection, epochs, first)
     done = board[board["status"] == "done"]
-    if done.empty or pd.isna(done.iloc[0][f"best_{selection.metric}"]):
-        raise RuntimeError(f"no trial finished with a {selection.metric}: see {folder}")
-    winner = done.iloc[0]
+    if done.empty or pd.isna(done.iloc[0][f"best_{metric}"]):
+        raise RuntimeError(f"no trial finished with a {metric}: see {folder}")
+    confirmations = None
+    if confirm_seeds:
+        candidates = confirmation_candidates(board, metric)
+        configs = {r.metrics.get("trial_id"): r.config for r in grid}
+        settings = {trial: configs[trial] for trial in candidates["trial"]}
+        seeds = list(range(seed + 1, seed + confirm_seeds + 1))
+        callback = TrialProgress(len(settings) * len(seeds), describe, "confirmations") if progress else None
+        confirmations = _confirm_on_seeds(trainable(confirming=settings), settings, seeds, folder, concurrency,
+                                          callback)
+        column = f"best_{metric}"
+        values = {trial: {seed: float(value)} for trial, value in zip(candidates["trial"], candidates[column],
+                                                                      strict=True)}
+        for result in confirmations:  # NaN: the run failed before its first report
+            values[result.config["confirms"]][result.config["seed"]] = float(result.metrics.get(column, math.nan))
+        board = seed_spread(board, values, selection)
+    winner = board[board["status"] == "done"].iloc[0]
     best_result = next(r for r in grid if r.metrics.get("mlflow_run_id") == winner["mlflow_run_id"])
     best = with_settings(base, best_result.config)
 
@@ -522,32 +596,66 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
     model = new_model(data, loop_config(best_cfg, data, threads)["model"])
     model.load_state_dict(state["best"]["state"])
     test_metrics = score_test(model.eval(), best_cfg, prepared)
-    value = float(winner[f"best_{selection.metric}"])
-    against_defaults = versus_defaults(board, winner, selection.metric)
+    value = float(winner[f"best_{metric}"])  # the scored model's own (the search's seed)
+    against_defaults = versus_defaults(board, winner, metric)
+    header = f"# {against_defaults}\n"  # comments, so `fusionrec train --config` reads best.yaml as it is
+    spread = None
+    if confirmations is not None:
+        spread = {"seeds": winner["seeds"], "mean": float(winner[f"mean_{metric}"]),
+                  "std": float(winner[f"std_{metric}"])}
+        header += f"# {metric} on validation per seed: {yaml.safe_dump(spread, default_flow_style=True, width=1000)}"
 
     client = MlflowClient()
-    _close_child_runs(client, board, selection.metric)
+    _close_child_runs(client, board, metric)
+    if confirmations is not None:  # a confirmation run of the defaults trial trains the defaults
+        runs = _leaderboard(confirmations, selection, epochs, first)
+        _close_child_runs(client, runs.assign(defaults=runs["confirms"].isin(board.loc[board["defaults"], "trial"])),
+                          metric)
     with mlflow.start_run(run_id=winner["mlflow_run_id"]):
-        mlflow.log_metrics({selection.metric: value, "best_epoch": float(winner["best_epoch"]),
-                            **as_test_metrics(test_metrics)})
+        mlflow.log_metrics({metric: value, "best_epoch": float(winner["best_epoch"]), **as_test_metrics(test_metrics)})
         model_uri = log_trained_model(model, best_cfg, prepared, winner["mlflow_run_id"], test_metrics)
     with atomic_file(folder / "leaderboard.csv") as tmp:
         board.to_csv(tmp, index=False)
-    with atomic_file(folder / "best.yaml") as tmp:  # a comment, so `fusionrec train --config` reads it as it is
-        tmp.write_text(f"# {against_defaults}\n{yaml.safe_dump(best, sort_keys=False)}")
+    with atomic_file(folder / "best.yaml") as tmp:
+        tmp.write_text(header + yaml.safe_dump(best, sort_keys=False))
     with mlflow.start_run(run_id=parent_id):
         mlflow.log_artifact(str(folder / "leaderboard.csv"))
         mlflow.log_artifact(str(folder / "best.yaml"))
-        mlflow.log_metrics({f"best_{selection.metric}": value, "trials": len(board),
-                            "stopped_early": int(board["stopped_early"].sum()),
-                            **as_test_metrics(test_metrics)})
+        mlflow.log_metrics({f"best_{metric}": value, "trials": len(board),
+                            "stopped_early": int(board["stopped_early"].sum()), **as_test_metrics(test_metrics),
+                            **({f"mean_{metric}": spread["mean"], f"std_{metric}": spread["std"]} if spread else {})})
         mlflow.set_tag("fusionrec.best_run_id", winner["mlflow_run_id"])
         mlflow.set_tag("fusionrec.best_is_defaults", str(bool(winner["defaults"])).lower())
-    result = SearchResult(board, best, winner["mlflow_run_id"], parent_id, test_metrics, (selection.metric, value),
-                          str(folder), against_defaults)
+    result = SearchResult(board, best, winner["mlflow_run_id"], parent_id, test_metrics, (metric, value),
+                          str(folder), against_defaults, spread)
     if register:
         result.promotion = registry.register(model_uri, winner["mlflow_run_id"])
     return result
+
+
+def _confirm_on_seeds(trainable, settings: dict[str, dict], seeds: list[int], folder: Path, concurrency: int,
+                      callback) -> object:
+    """The confirmation round, a Tune experiment in `folder`/confirm: each of `settings` (search
+    trial -> its sampled settings) trained again on each of `seeds` as the search trains a trial,
+    all epochs (no early stopping). Returns its ResultGrid. A round left there by an interrupted
+    search is removed first: a resumed search redoes the round."""
+    from ray import tune
+
+    shutil.rmtree(folder / "confirm", ignore_errors=True)
+    tuner = tune.Tuner(trainable, param_space={"confirms": tune.grid_search(list(settings)),
+                                               "seed": tune.grid_search(seeds)},
+                       run_config=tune.RunConfig(name="confirm", storage_path=str(folder), verbose=0,
+                                                 callbacks=[callback] if callback else None),
+                       tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True))
+    try:
+        confirmations = tuner.fit()
+    finally:
+        if callback:
+            callback.close()
+    if confirmations.num_terminated + confirmations.num_errors < len(settings) * len(seeds):
+        raise KeyboardInterrupt(f"search interrupted while confirming the best trials on more seeds; --resume "
+                                f"redoes that round ({folder})")
+    return confirmations
 
 
 def _close_child_runs(client, board: pd.DataFrame, metric: str) -> None:
