@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -31,8 +31,11 @@ def default_cache(cache: Path | None) -> Path:
     return cache or state_folder() / "models"
 
 
-def fail(message: str) -> None:
+def fail(message: str, details: Sequence[str] = ()) -> None:
+    """One line; `details` (a failed process's command and log tail) indented under it."""
     typer.echo(f"error: {message}", err=True)
+    for line in details:
+        typer.echo(f"  {line}", err=True)
     raise typer.Exit(1)
 
 
@@ -50,7 +53,7 @@ def friendly_errors(command: Callable) -> Callable:
                 typer.echo(str(problem), err=True)
             raise typer.Exit(1) from None
         except (ValueError, FileExistsError, OSError, RuntimeError) as exc:
-            fail(_first_line(exc))
+            fail(_first_line(exc), getattr(exc, "details", ()))  # details: cluster.StartFailed
         except Exception as exc:
             if not _from_mlflow_or_ray(exc):
                 raise  # a bug: its traceback is what a report needs

@@ -7,15 +7,18 @@ stops that node's Ray and nothing else on the machine (unlike `ray stop`).
         os.environ["RAY_ADDRESS"] = address   # ensure_ray() joins it
 
 `fusionrec cluster up|status|down` runs the same nodes detached, beside an MLflow tracking server,
-and records their processes in STATE/cluster.json so that `down` (another process, later) stops
-exactly those. Token auth: every process fusionrec starts or drives takes RAY_AUTH_MODE=disabled
-unless the environment says otherwise (see ray_runtime.default_auth_mode), so nodes and clients agree.
+and records their processes in STATE/cluster.json as each starts, so that `down` (another process,
+later) stops exactly those, even after an `up` that was interrupted. Token auth: every process
+fusionrec starts or drives takes RAY_AUTH_MODE=disabled unless the environment says otherwise (see
+ray_runtime.default_auth_mode), so nodes and clients agree.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -23,6 +26,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,17 +47,78 @@ def free_port() -> int:
 class Proc:
     """A process we started: its pid and start time (a pid alone may be reused after it exits)."""
 
-    role: str
+    role: str  # "tracking", "head" or "worker-N"
     pid: int
     started: float
+    command: list[str] = field(default_factory=list)
 
     def alive(self) -> bool:
+        """Running. An exited child that `up` has not reaped yet (a zombie) has a pid and a start
+        time but is no longer running."""
+        import psutil
+
+        try:
+            process = psutil.Process(self.pid)
+            return process.create_time() == self.started and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def owns_session(self) -> bool:
+        """Whether the session this process leads is still ours: the process is (running or a
+        zombie), or it is gone. Linux gives no new process a pid that still names a session with
+        members, so an exited node's raylet or GCS, left behind in its session, is found by it."""
         import psutil
 
         try:
             return psutil.Process(self.pid).create_time() == self.started
         except psutil.NoSuchProcess:
-            return False
+            return True
+
+    def exit_code(self) -> int | None:
+        """Its exit code if it has exited and is a child of this process (None where unknown);
+        waiting reaps it."""
+        import psutil
+
+        try:
+            return psutil.Process(self.pid).wait(timeout=0)
+        except (psutil.TimeoutExpired, psutil.NoSuchProcess):
+            return None
+
+    def name(self) -> str:
+        if self.role == "tracking":
+            return "the MLflow tracking server"
+        if self.role == "head":
+            return "the Ray head node"
+        return f"Ray worker node {self.role.removeprefix('worker-')}"
+
+
+class StartFailed(RuntimeError):
+    """A process of the local cluster failed to start. The message (one line) names it and its log;
+    `details` (its command, the log's last lines) is what the CLI prints under it."""
+
+    def __init__(self, message: str, details: list[str]):
+        super().__init__(message)
+        self.details = details
+
+
+def start_failed(proc: Proc, what: str, log: Path | None) -> StartFailed:
+    """The error for a process that failed to start: what happened, then its command and log tail."""
+    return StartFailed(f"{proc.name()} {what}" + (f"; log: {log}" if log else ""),
+                       [f"command: {shlex.join(proc.command)}"] + [f"| {line}" for line in _tail(log)])
+
+
+def exited(proc: Proc, log: Path | None) -> StartFailed:
+    code = proc.exit_code()
+    return start_failed(proc, "exited while the cluster was starting"
+                        + (f" (exit code {code})" if code is not None else ""), log)
+
+
+def _tail(log: Path | None, lines: int = 6) -> list[str]:
+    """The last non-blank lines of a log ([] if there is none)."""
+    if not log or not log.is_file():
+        return []
+    text = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text(errors="replace"))  # Ray colours its log even in a file
+    return [line.rstrip() for line in text.splitlines() if line.strip()][-lines:]
 
 
 def spawn(role: str, command: list[str], env: dict[str, str], log: Path | None) -> Proc:
@@ -68,34 +133,61 @@ def spawn(role: str, command: list[str], env: dict[str, str], log: Path | None) 
     finally:
         if log:
             out.close()
-    return Proc(role, process.pid, psutil.Process(process.pid).create_time())
+    return Proc(role, process.pid, psutil.Process(process.pid).create_time(), command)
 
 
 def stop_processes(procs: list[Proc], timeout_s: float = 60) -> int:
     """Stop each process and everything in its session; returns how many processes that was.
-    Processes already gone (or whose pid now names another) are skipped. All are signalled at
+    A process whose pid now names another is skipped; one that exited still has its session
+    searched (a `ray start` that died can leave its node's processes behind). All are signalled at
     once: a node stopped first only makes the others wait for it."""
     import psutil
 
-    tops = [psutil.Process(p.pid) for p in procs if p.alive()]
-    sessions = {p.pid for p in tops}
-    members = {c.pid: c for top in tops for c in top.children(recursive=True)}
-    for p in psutil.process_iter():
+    leaders = _processes([p.pid for p in procs if p.alive()])
+    members = _session_members(procs)
+    for leader in leaders:  # children that took a session of their own (MLflow's job subprocesses)
         try:
-            if os.getsid(p.pid) in sessions:
-                members.setdefault(p.pid, p)
-        except (ProcessLookupError, PermissionError):
+            members.update((c.pid, c) for c in leader.children(recursive=True))
+        except psutil.NoSuchProcess:
             continue
-    for pid in sessions:
-        members.pop(pid, None)
-    _signal(tops, "terminate")  # `ray start --block` stops its node's processes itself
-    _, alive = psutil.wait_procs(tops, timeout=timeout_s)
+    _signal(leaders, "terminate")  # `ray start --block` stops its node's processes itself
+    _, alive = psutil.wait_procs(leaders, timeout=timeout_s)
+    members.update(_session_members(procs))  # what a leader started meanwhile, or left behind
     rest = alive + [p for p in members.values() if p.is_running()]
     _signal(rest, "terminate")
     _, alive = psutil.wait_procs(rest, timeout=10)
     _signal(alive, "kill")
     psutil.wait_procs(alive, timeout=10)
-    return len(tops) + len(members)
+    return len(leaders) + len(members)
+
+
+def _processes(pids: list[int]) -> list:
+    import psutil
+
+    found = []
+    for pid in pids:
+        try:
+            found.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            continue  # exited since we looked
+    return found
+
+
+def _session_members(procs: list[Proc]) -> dict:
+    """The processes in the sessions these processes lead, leaders aside, by pid. Which sessions
+    are still theirs is asked anew each time: a pid that was free a minute ago may lead another's
+    session now."""
+    import psutil
+
+    sessions = {p.pid for p in procs if p.owns_session()}
+    members = {}
+    for p in psutil.process_iter():
+        try:
+            if p.pid not in sessions and os.getsid(p.pid) in sessions:
+                members[p.pid] = p
+        except (ProcessLookupError, PermissionError):
+            continue
+    return members
 
 
 def _signal(processes: list, how: str) -> None:
@@ -136,11 +228,13 @@ class LocalCluster:
     folder, each replacing it under the others (a job's cwd vanishes mid-run)."""
 
     def __init__(self, nodes: int = 2, cpus_per_node: int = 1, object_store_bytes: int = 256 * 1024**2,
-                 env: dict[str, str] | None = None, log_dir: Path | None = None):
+                 env: dict[str, str] | None = None, log_dir: Path | None = None,
+                 on_spawn: Callable[[], None] | None = None):
         if nodes < 1 or cpus_per_node < 1:
             raise ValueError("a local cluster needs at least one node and one CPU per node")
         self.nodes, self.cpus_per_node, self.object_store_bytes = nodes, cpus_per_node, object_store_bytes
         self.env, self.log_dir = node_env(env), log_dir
+        self.on_spawn = on_spawn  # called as each node's process starts: `cluster up` records it at once
         self.processes: list[Proc] = []
         self.address: str | None = None
         self.dashboard_url: str | None = None
@@ -153,19 +247,23 @@ class LocalCluster:
             f"--object-store-memory={self.object_store_bytes}",
             f"--dashboard-agent-listen-port={free_port()}",  # Ray's fixed default (52365) would clash
             f"--temp-dir={self.temp_dir / role}", *args],
-            self.env, self.log_dir / f"{role}.log" if self.log_dir else None))
+            self.env, self._log(role)))
+        if self.on_spawn:
+            self.on_spawn()
+
+    def _log(self, role: str) -> Path | None:
+        return self.log_dir / f"{role}.log" if self.log_dir else None
 
     def _check_alive(self) -> None:
-        """Fail now if a process exited, or if a `ray start` logged its failure (it can linger after
-        one: a raylet that took over Ray's fixed 30 s to register, a dashboard slow to start)."""
-        where = f" (logs in {self.log_dir})" if self.log_dir else ""
-        if not all(p.alive() for p in self.processes):
-            raise RuntimeError(f"a process of the local cluster exited while starting{where}")
+        """Fail now, naming the process, if one exited, or if a `ray start` logged its failure (it
+        can linger after one: a raylet that took over Ray's fixed 30 s to register, a dashboard slow
+        to start)."""
         for proc in self.processes:
-            log = self.log_dir / f"{proc.role}.log" if self.log_dir else None
+            log = self._log(proc.role)
+            if not proc.alive():
+                raise exited(proc, log)
             if proc.role != "tracking" and log and log.is_file() and "Traceback" in log.read_text(errors="replace"):
-                lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-                raise RuntimeError(f"Ray node {proc.role} failed to start: {lines[-1].strip()} (log: {log})")
+                raise start_failed(proc, f"failed to start: {_tail(log, 1)[0].strip()}", log)
 
     def _wait_for(self, nodes: int, timeout_s: float = 180) -> None:
         """Until the dashboard reports `nodes` alive nodes."""
@@ -227,6 +325,9 @@ class ClusterState:
     logs: str
     temp_dir: str = ""  # the nodes' Ray temp dirs (sessions, sockets, unpacked jobs)
     processes: list[Proc] = field(default_factory=list)
+    # True until `up` has every process running and answering: a record left so was interrupted
+    # (or is still starting); `down` stops what it lists all the same
+    starting: bool = False
 
     @staticmethod
     def path() -> Path:
@@ -257,11 +358,11 @@ def _wait_for_tracking(proc: Proc, uri: str, log: Path, timeout_s: float = 120) 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not proc.alive():
-            raise RuntimeError(f"the MLflow tracking server exited while starting (log: {log})")
+            raise exited(proc, log)
         if tracking_health(uri) == "ok":
             return
         time.sleep(0.5)
-    raise RuntimeError(f"the MLflow tracking server did not answer within {timeout_s:.0f} s (log: {log})")
+    raise start_failed(proc, f"did not answer within {timeout_s:.0f} s", log)
 
 
 def tracking_health(uri: str) -> str:
@@ -282,7 +383,8 @@ def up(workers: int = 1, cpus_per_node: int = 1, object_store_bytes: int = 256 *
         raise ValueError("--workers must be 0 or more")
     current = ClusterState.load()
     if current and current.alive():
-        raise RuntimeError(f"a cluster is already up at {current.address} (`fusionrec cluster down` stops it)")
+        raise RuntimeError(("a cluster is starting, or its start was interrupted," if current.starting else
+                            f"a cluster is already up at {current.address}") + " (`fusionrec cluster down` stops it)")
     if current:
         down()  # a stale record: whatever is left of it goes first
     home = state_folder()
@@ -293,40 +395,52 @@ def up(workers: int = 1, cpus_per_node: int = 1, object_store_bytes: int = 256 *
     tracking_port = free_port()
     tracking_uri = f"http://127.0.0.1:{tracking_port}"
     state = ClusterState(address="", dashboard_url="", tracking_uri=tracking_uri, home=str(home), workers=workers,
-                         cpus_per_node=cpus_per_node, logs=str(logs))
+                         cpus_per_node=cpus_per_node, logs=str(logs), starting=True)
     env = {"FUSIONREC_HOME": str(home), "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true",
            "HF_HUB_OFFLINE": "1"}
     mlflow = Path(sys.executable).parent / "mlflow"
+
+    def record() -> None:
+        """Save the record as each process starts: should this `up` be killed, `down` finds them all."""
+        state.address, state.dashboard_url = cluster.address or "", cluster.dashboard_url or ""
+        state.temp_dir = str(cluster.temp_dir or "")
+        state.save()
+
     cluster = LocalCluster(nodes=1 + workers, cpus_per_node=cpus_per_node, object_store_bytes=object_store_bytes,
-                           env=env, log_dir=logs)
+                           env=env, log_dir=logs, on_spawn=record)
+    cluster.processes = state.processes  # one list: the record grows as nodes start
     try:
         state.processes.append(spawn("tracking", [
             str(mlflow), "server", "--host", "127.0.0.1", "--port", str(tracking_port), "--workers", "1",
             "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
             "--serve-artifacts", "--artifacts-destination", str(home / "mlartifacts")],
             node_env(env), logs / "tracking.log"))
-        state.save()  # from here on `fusionrec cluster down` can stop whatever got started
-        cluster.processes = state.processes  # one list: the record grows as nodes start
-        state.address = cluster.start()
-        state.dashboard_url, state.temp_dir = cluster.dashboard_url or "", str(cluster.temp_dir)
+        record()
+        cluster.start()
         _wait_for_tracking(state.processes[0], tracking_uri, logs / "tracking.log")
-        state.save()
-    except BaseException:
-        state.temp_dir = str(cluster.temp_dir or "")
-        state.save()
-        down()
+        state.starting = False
+        record()
+    except BaseException:  # a failure, Ctrl-C: stop whatever started (the record lists it all)
+        _stop(state)
         raise
     return state
 
 
 def down() -> int | None:
-    """Stop what `up` recorded (the nodes and the tracking server) and forget it; returns how many
-    processes were stopped, or None if no cluster was recorded."""
+    """Stop what `up` recorded (the nodes and the tracking server, all started or not) and forget
+    it; returns how many processes were stopped, or None if no cluster was recorded."""
     state = ClusterState.load()
     if state is None:
         ClusterState.path().unlink(missing_ok=True)  # an unreadable record
         return None
-    stopped = stop_processes(state.processes)
+    return _stop(state)
+
+
+def _stop(state: ClusterState) -> int:
+    # A cluster still starting has nothing to drain, and a `ray start` signalled mid-start can go
+    # on waiting for its GCS (its SIGTERM handler's SystemExit is swallowed, seen under load): give
+    # the nodes 10 s, not a minute, before their sessions are killed.
+    stopped = stop_processes(state.processes, timeout_s=10 if state.starting else 60)
     if state.temp_dir:
         shutil.rmtree(state.temp_dir, ignore_errors=True)
     ClusterState.path().unlink(missing_ok=True)
@@ -349,6 +463,9 @@ def target() -> Target:
         return Target(address, state if same else None)
     if state is None:
         raise RuntimeError("no cluster: start one with `fusionrec cluster up` or set RAY_ADDRESS")
+    if state.starting:
+        raise RuntimeError("no cluster: the one recorded is starting, or its start was interrupted "
+                           "(`fusionrec cluster down` stops it)")
     if not state.alive():
         raise RuntimeError(f"no cluster: the one recorded at {state.address} is not (fully) running "
                            "(`fusionrec cluster down` clears it)")
