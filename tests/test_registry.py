@@ -3,6 +3,8 @@ split and objective, and only on a better selection metric; otherwise the reason
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 IDENTITY = {"data": "d1", "features": "f1", "split": "random", "seed": 0, "objective": "rating"}
@@ -76,23 +78,35 @@ def test_a_run_without_a_selection_metric_is_not_promoted(store):
 
 def run_data(value: float | None, metric: str = "val_mse", mode: str = "min", **identity):
     """A run's MLflow data (tags, metrics) as `registry.decide` reads it, without a store."""
-    from types import SimpleNamespace
-
     from fusionrec import registry
 
     tags = registry.identity_tags(IDENTITY | identity, metric, mode)
     return SimpleNamespace(tags=tags, metrics={} if value is None else {metric: value})
 
 
+UNTAGGED = SimpleNamespace(tags={}, metrics={"val_mse": 0.1})  # a run logged without fusionrec's tags
+SELECTED_ONLY = {"fusionrec.selection_metric": "val_mse", "fusionrec.selection_mode": "min"}  # and no identity
+NDCG = {"metric": "val_ndcg_at_10", "mode": "max"}
+
+
 @pytest.mark.parametrize("new, champion, promoted, reason", [
     (run_data(0.9), None, True, "no champion yet; val_mse 0.9000"),
     (run_data(0.8), run_data(0.9), True, "val_mse 0.8000 beats version 1's 0.9000"),
     (run_data(0.9), run_data(0.9), False, "val_mse 0.9000 does not beat version 1's 0.9000"),
-    (run_data(0.5, "val_ndcg_at_10", "max"), run_data(0.4, "val_ndcg_at_10", "max"), True, "beats"),
-    (run_data(0.3, "val_ndcg_at_10", "max"), run_data(0.4, "val_ndcg_at_10", "max"), False, "does not beat"),
+    (run_data(0.95), run_data(0.9), False, "val_mse 0.9500 does not beat version 1's 0.9000"),
+    (run_data(0.5, **NDCG), run_data(0.4, **NDCG), True, "val_ndcg_at_10 0.5000 beats version 1's 0.4000"),
+    (run_data(0.3, **NDCG), run_data(0.4, **NDCG), False, "0.3000 does not beat version 1's 0.4000"),
+    (run_data(0.4, **NDCG), run_data(0.4, **NDCG), False, "0.4000 does not beat version 1's 0.4000"),
     (run_data(float("nan")), run_data(0.9), False, "this run recorded no selection metric"),
+    (run_data(None), run_data(0.9), False, "this run recorded no selection metric"),
+    (run_data(None), None, False, "this run recorded no selection metric"),  # not even as the first version
+    (UNTAGGED, run_data(0.9), False, "this run recorded no selection metric"),  # it names no metric to compare
     (run_data(0.9), run_data(None), True, "val_mse 0.9000; version 1 recorded none"),  # `promote` allows that
-    (run_data(0.1, split="cold-start"), run_data(0.9), False, "another split (random vs cold-start)"),
+    (run_data(0.9), run_data(float("nan")), True, "val_mse 0.9000; version 1 recorded none"),
+    (run_data(0.1), UNTAGGED, False, "trained on another dataset (unrecorded vs d1)"),
+    # two runs that record no identity are not alike: nothing says what either was trained on
+    (SimpleNamespace(tags=SELECTED_ONLY, metrics={"val_mse": 0.1}), SimpleNamespace(tags=SELECTED_ONLY, metrics={}),
+     False, "another dataset (unrecorded vs unrecorded)"),
     (run_data(0.1, "val_rmse"), run_data(0.9), False, "version 1 was selected on another metric"),
 ])
 def test_the_rule_alone(new, champion, promoted, reason):
@@ -100,3 +114,23 @@ def test_the_rule_alone(new, champion, promoted, reason):
 
     decision = decide(new, None if champion is None else ("1", champion))
     assert decision[0] is promoted and reason in decision[1]
+
+
+# one change per IDENTITY key: (the key, the champion's value, the new run's, what the reason calls it)
+OTHER = [("data", "d1", "d2", "another dataset"), ("features", "f1", "f2", "another set of feature tables"),
+         ("split", "random", "cold-start", "another split"), ("seed", 0, 1, "another split seed"),
+         ("objective", "rating", "implicit", "another objective")]
+
+
+@pytest.mark.parametrize("key, theirs, mine, label", OTHER, ids=[key for key, *_ in OTHER])
+def test_the_rule_alone_compares_only_like_with_like(key, theirs, mine, label):
+    from fusionrec.registry import decide
+
+    promoted, reason = decide(run_data(0.1, **{key: mine}), ("1", run_data(0.9)))
+    assert not promoted and f"version 1 was trained on {label} ({theirs} vs {mine})" in reason
+
+
+def test_every_identity_key_has_a_like_with_like_case():
+    from fusionrec.registry import IDENTITY as KEYS
+
+    assert [key for key, *_ in OTHER] == list(KEYS)
