@@ -40,6 +40,8 @@ def ray_must_not_start(monkeypatch, home):
         raise AssertionError("Ray was started before the bad input was found")
 
     monkeypatch.setattr("fusionrec.ray_runtime.ensure_ray", refuse)
+    monkeypatch.setattr("fusionrec.cluster.up", refuse)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # no cluster, unless a test names one
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +68,10 @@ def files(tmp_path_factory):
     unknown_model.mkdir()
     (unknown_model / "bundle.json").write_text(json.dumps(
         {"model_config": {"model": "bert4rec"}, "users": side, "items": side}))
+    bad_space = root / "space.yaml"
+    bad_space.write_text("serach: {}\n")
     return {"dataset": dataset, "features": features, "bad_config": bad_config, "unknown_model": unknown_model,
-            "missing": root / "no-such-thing", "not_a_bundle": root}
+            "missing": root / "no-such-thing", "not_a_bundle": root, "bad_space": bad_space}
 
 
 def fails_in_one_line(args: list[str], expected: str):
@@ -89,6 +93,7 @@ CASES = [
     (["data", "synth", "{missing}", "--density", "0"], "--density must be in (0, 1]"),
     (["data", "movielens-100k", "{dataset}"], "already exists"),
     (["metrics", "--predictions", "{missing}"], "file not found"),
+    (["metrics", "--predictions", "{missing}", "--k", "0"], "--k must be at least 1, got 0"),
     (["encode", "{missing}", "--out", "{missing}"], "dataset folder not found"),
     (["encode", "{dataset}", "--out", "{missing}", "--pooling", "max"], "pooling must be one of"),
     (["encode", "{dataset}", "--out", "{missing}", "--text-model", "{missing}"], "cannot load model"),
@@ -102,6 +107,7 @@ CASES = [
     (["train", "{dataset}", "--model", "svd", "--variant", "no_text"], "only the fusion model has variants"),
     (["train", "{dataset}", "--objective", "clicks"], "unknown objective 'clicks'"),
     (["train", "{dataset}", "--split", "weird"], "unknown split 'weird'"),
+    (["train", "{dataset}", "--codebooks", "-1"], "--codebooks must be at least 0, got -1"),
     (["evaluate", "{dataset}"], "models:/fusionrec@champion: no such registered model version"),
     (["evaluate", "{dataset}", "--model-uri", "models:/fusionrec/7"], "no such registered model version"),
     (["evaluate", "{dataset}", "--model-uri", "models:/fusionrec"], "expected models:/NAME@ALIAS"),
@@ -110,10 +116,30 @@ CASES = [
     (["evaluate", "{dataset}", "--model-uri", "{bad_config}"], "a key this version does not know, 'colour'"),
     (["evaluate", "{dataset}", "--model-uri", "{unknown_model}"], "unknown model 'bert4rec'"),
     (["evaluate", "{dataset}", "--model-uri", "{bad_config}", "--protocol", "loo"], "unknown protocol 'loo'"),
+    (["evaluate", "{dataset}", "--k", "0"], "--k must be at least 1, got 0"),
     (["serve", "--plain", "--model-uri", "{bad_config}"], "a key this version does not know"),
     (["serve", "--plain"], "no such registered model version"),
     (["serve", "--model-uri", "models:/fusionrec/7"], "no such registered model version"),
     (["promote", "--version", "3"], "no version 3 of registered model"),
+    (["tune", "{dataset}", "--space", "{missing}"], "no-such-thing: no such search space file"),
+    (["tune", "{dataset}", "--space", "{bad_space}"], "space.yaml: unknown key 'serach'"),
+    (["tune", "{dataset}", "--space", "tune/widths.yaml", "--search", "grid"], "unknown search 'grid'"),
+    (["tune", "{missing}", "--space", "tune/widths.yaml"], "dataset folder not found"),
+    (["ablate", "{missing}"], "dataset folder not found"),
+    (["ablate", "{dataset}", "--rows", "full,bogus"], "unknown row 'bogus'"),
+    (["ablate", "{dataset}", "--folds", "1"], "--folds must be at least 2"),
+    (["runs", "{missing}"], "dataset folder not found"),
+    (["runs", "{dataset}"], "no training runs on this dataset yet"),
+    (["runs", "{dataset}", "--last", "0"], "--last must be at least 1, got 0"),
+    (["cluster", "up", "--workers", "-1"], "--workers must be at least 0, got -1"),
+    (["cluster", "up", "--cpus-per-node", "0"], "--cpus-per-node must be at least 1, got 0"),
+    (["cluster", "up", "--object-store-mb", "10"], "--object-store-mb must be at least 64, got 10"),
+    (["job", "logs", "raysubmit_1"], "no cluster: start one with `fusionrec cluster up` or set RAY_ADDRESS"),
+    (["job", "submit", "train"], "no cluster: start one with `fusionrec cluster up` or set RAY_ADDRESS"),
+    (["k8s", "validate", "{missing}"], "no-such-thing: no such folder"),
+    (["k8s", "render", "{missing}"], "no-such-thing: no such folder"),
+    # (a folder without manifests: nothing is rewritten if the check ever slipped)
+    (["k8s", "render", "{dataset}", "--serve-config", "{missing}"], "no-such-thing: no such Serve config"),
 ]
 
 
@@ -123,6 +149,12 @@ def test_bad_input_fails_in_one_line(files, args, expected):
     assert not files["missing"].exists()  # nothing half-written, not even an empty output folder
     if "does not know" in expected:
         assert str(files["bad_config"]) in result.output  # the bundle is named
+
+
+def test_job_errors_name_the_job_or_the_cluster(monkeypatch, free_port):
+    monkeypatch.setenv("RAY_ADDRESS", f"http://127.0.0.1:{free_port()}")  # where nothing listens
+    fails_in_one_line(["job", "submit", "nosuch"], "jobs/nosuch.py: no such job in")
+    fails_in_one_line(["job", "list"], "Failed to connect to Ray at address: http://127.0.0.1:")
 
 
 def test_models_prepare_without_the_image_package(monkeypatch, tmp_path):

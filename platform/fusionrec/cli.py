@@ -39,6 +39,18 @@ def fail(message: str, details: Sequence[str] = ()) -> None:
     raise typer.Exit(1)
 
 
+def at_least(minimum: int) -> Callable[[typer.CallbackParam, int], int]:
+    """An option's lower bound, checked as bad input (one line, exit 1); typer's own `min=` answers
+    with a usage box and exit 2."""
+
+    def check(param: typer.CallbackParam, value: int) -> int:
+        if value < minimum:
+            fail(f"{param.opts[0]} must be at least {minimum}, got {value}")
+        return value
+
+    return check
+
+
 def friendly_errors(command: Callable) -> Callable:
     """Report expected failures (bad data, bad arguments, existing output) as one line each, no traceback."""
 
@@ -156,7 +168,7 @@ def data_movielens(
 @friendly_errors
 def metrics(
     predictions: Annotated[Path, typer.Option(help="CSV or Parquet with user_id, item_id, rating, prediction.")],
-    k: Annotated[int, typer.Option(help="Cut-off K for Precision@K and NDCG@K.", min=1)] = 5,
+    k: Annotated[int, typer.Option(help="Cut-off K for Precision@K and NDCG@K.", callback=at_least(1))] = 5,
     threshold: Annotated[float, typer.Option(help="A rating >= threshold is relevant.")] = 4.0,
 ) -> None:
     """Score a predictions table: MSE, RMSE, Precision@K, NDCG@K (candidate protocol), as one JSON object."""
@@ -272,7 +284,7 @@ def train(
     variant: Annotated[str, typer.Option(help="full, no_image, no_text, no_structured or id_only.")] = "full",
     mlp: Annotated[str, typer.Option(help="MLP widths, comma-separated.")] = "128,64",
     codebooks: Annotated[int, typer.Option(help="Text/image projections as this many softmaxes over learned codes "
-                                                "(0: linear projections).", min=0)] = 3,
+                                                "(0: linear projections).", callback=at_least(0))] = 3,
     epochs: Annotated[int, typer.Option(help="Training epochs (the best on validation is kept).")] = 30,
     batch_size: Annotated[int, typer.Option(help="Ratings per batch (per worker).")] = 256,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 5e-3,
@@ -331,7 +343,7 @@ def train(
 @friendly_errors
 def runs(
     dataset: Annotated[Path, typer.Argument(help="Dataset folder the runs were trained on.")],
-    last: Annotated[int, typer.Option(help="How many of the newest runs.", min=1)] = 5,
+    last: Annotated[int, typer.Option(help="How many of the newest runs.", callback=at_least(1))] = 5,
 ) -> None:
     """The newest training runs on a dataset side by side: model, split, the validation metric they
     were selected on, and their test metrics (with the Bayes floor where the dataset records one)."""
@@ -371,7 +383,7 @@ def evaluate(
     model_uri: Annotated[str, typer.Option(help="models:/fusionrec@champion, models:/fusionrec/N or a bundle folder.")]
     = "models:/fusionrec@champion",
     protocol: Annotated[str, typer.Option(help="candidate, full or ncf.")] = "candidate",
-    k: Annotated[int, typer.Option(help="Cut-off K.", min=1)] = 5,
+    k: Annotated[int, typer.Option(help="Cut-off K.", callback=at_least(1))] = 5,
 ) -> None:
     """Evaluate a registered model on its test split; one JSON object."""
     from fusionrec.evaluate import evaluate_bundle
@@ -542,9 +554,10 @@ app.add_typer(job_app, name="job")
 @cluster_app.command("up")
 @friendly_errors
 def cluster_up(
-    workers: Annotated[int, typer.Option(help="Worker nodes beside the head.", min=0)] = 1,
-    cpus_per_node: Annotated[int, typer.Option(help="CPUs each node offers.", min=1)] = 1,
-    object_store_mb: Annotated[int, typer.Option(help="Object store per node, MiB.", min=64)] = 256,
+    workers: Annotated[int, typer.Option(help="Worker nodes beside the head.", callback=at_least(0))] = 1,
+    cpus_per_node: Annotated[int, typer.Option(help="CPUs each node offers.", callback=at_least(1))] = 1,
+    object_store_mb: Annotated[int, typer.Option(help="Object store per node, MiB (at least 64).",
+                                                   callback=at_least(64))] = 256,
 ) -> None:
     """Start a head and N worker nodes on this machine plus an MLflow tracking server, detached;
     prints the two exports (eval "$(fusionrec cluster up)" sets them)."""

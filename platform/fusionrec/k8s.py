@@ -107,6 +107,8 @@ def _rayservices_to_render(path: Path) -> int:
 def render(folder: Path, serve_config: Path) -> list[Path]:
     """Rewrite the serveConfigV2 block of every RayService under `folder` from `serve_config`;
     the rest of each file (comments included) is kept. Returns the files written."""
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
     try:
         text = serve_config_v2(serve_config)
         targets = {path: count for path in sorted(Path(folder).rglob("*.y*ml"))
