@@ -9,6 +9,8 @@ On a Ray cluster with GPUs each worker reserves one and trains on it (`ray_runti
 cluster decides, not the driver's torch); the loop takes its device explicitly, keeps the best
 weights on the CPU and reads every saved state onto the CPU (`load_state`), so a CPU driver loads
 what a GPU trained, and a checkpoint resumes on either.
+Every epoch's report (and MLflow history) also carries each worker's checksum of its weights
+(`replica_checksums`, `param_checksum_rank<N>`): equal on every rank while DDP keeps them in step.
 Checkpoints are written every epoch; a lost worker restarts the group from the last one
 (`FailureConfig(max_failures=...)`). The checkpoint also keeps the best weights on validation
 (`SELECTION`: validation MSE for ratings, validation nDCG@10 over full ranking for implicit
@@ -375,6 +377,7 @@ def train_loop_per_worker(config: dict) -> None:
                 yield tuple(block[c][start:start + config["batch_size"]] for c in ("user_idx", "item_idx", "rating"))
 
     def report(metrics: dict, state: dict) -> None:
+        metrics = metrics | replica_checksums(model)  # every worker takes part: a collective
         with tempfile.TemporaryDirectory() as folder:
             saved_checkpoint = None
             if rank == 0:
@@ -384,6 +387,18 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=saved_checkpoint)
 
     run_epochs(model, optimizer, data, config, batches, report, device, resume)
+
+
+def replica_checksums(model: torch.nn.Module) -> dict[str, float]:
+    """Each worker's checksum of its weights (their sum), by rank, as metrics `param_checksum_rank<N>`:
+    gathered from every worker, so rank 0 reports them all. DDP starts every replica from rank 0's
+    weights and steps each with the same averaged gradient, so they must all be equal."""
+    import torch.distributed as dist
+
+    mine = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return {f"param_checksum_rank{rank}": value.item() for rank, value in enumerate(every)}
 
 
 def load_state(path: Path) -> dict:
@@ -402,6 +417,7 @@ def log_epoch(mlflow_target: dict | None, metrics: dict) -> None:
     client = MlflowClient(mlflow_target["uri"])
     history = {"train_loss": "train_loss", "val_loss": "val_loss", "samples_per_s": "samples_per_s"}
     history |= {name: f"epoch_{name}" for name in metrics if name.startswith("val_") and name != "val_loss"}
+    history |= {name: name for name in metrics if name.startswith("param_checksum_rank")}  # replica_checksums
     for name, logged_as in history.items():
         client.log_metric(mlflow_target["run_id"], logged_as, metrics[name], step=metrics["epoch"])
 
