@@ -170,7 +170,7 @@ def served_bundles(tiny_shop, tiny_models, tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def free_port():
     """A function giving a TCP port on loopback that nothing listens on right now."""
-    from fusionrec.cluster import free_port
+    from fusionrec.processes import free_port
 
     return free_port
 

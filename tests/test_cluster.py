@@ -14,7 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fusionrec.cli import app
-from fusionrec.cluster import LocalCluster, spawn, stop_processes
+from fusionrec.cluster import LocalCluster
+from fusionrec.processes import spawn, stop_processes
 
 pytestmark = pytest.mark.integration
 

@@ -65,7 +65,7 @@ def friendly_errors(command: Callable) -> Callable:
                 typer.echo(str(problem), err=True)
             raise typer.Exit(1) from None
         except (ValueError, FileExistsError, OSError, RuntimeError) as exc:
-            fail(_first_line(exc), getattr(exc, "details", ()))  # details: cluster.StartFailed
+            fail(_first_line(exc), getattr(exc, "details", ()))  # details: processes.StartFailed
         except Exception as exc:
             if not _from_mlflow_or_ray(exc):
                 raise  # a bug: its traceback is what a report needs
