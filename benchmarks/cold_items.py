@@ -31,7 +31,8 @@ import typer
 from fusionrec.evaluate import evaluate_bundle
 from fusionrec.models.config import ModelConfig
 from fusionrec.registry import download
-from fusionrec.train import TrainConfig, train
+from fusionrec.training.command import train
+from fusionrec.training.config import TrainConfig
 
 ROWS = ["fusion", "genre-pop", "content-knn"]
 BASELINES = ("genre-pop", "content-knn")

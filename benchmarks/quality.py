@@ -23,7 +23,8 @@ import typer
 import yaml
 
 from fusionrec.data.schema import load_spec
-from fusionrec.train import TrainConfig, load_config, train
+from fusionrec.training.command import train
+from fusionrec.training.config import TrainConfig, load_config
 
 ROWS = ["fusion:full", "neumf", "svd", "fusion:no_image", "fusion:no_text", "fusion:no_structured", "dnn"]
 

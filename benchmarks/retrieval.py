@@ -38,7 +38,8 @@ from fusionrec.models.bundle import save_bundle
 from fusionrec.models.config import ModelConfig
 from fusionrec.serve.candidates import CandidateIndex, item_keys, user_query
 from fusionrec.serve.ranker import Ranker
-from fusionrec.train import TrainConfig, loop_data, prepare
+from fusionrec.training.config import TrainConfig
+from fusionrec.training.data import loop_data, prepare
 from fusionrec.tune import fit_in_trial
 
 K = 100  # recall@K

@@ -55,7 +55,8 @@ def setup(home: Path, users: int, items: int) -> None:
     from fusionrec.data.synth import SynthConfig, generate
     from fusionrec.data.validate import load_dataset
     from fusionrec.encoders.pipeline import EncodeConfig, encode_dataset
-    from fusionrec.train import TrainConfig, train
+    from fusionrec.training.command import train
+    from fusionrec.training.config import TrainConfig
 
     registry.setup()
     try:

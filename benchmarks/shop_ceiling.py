@@ -30,7 +30,8 @@ from fusionrec.data.schema import load_spec
 from fusionrec.data.synth import IMAGE_FACTORS, TEXT_FACTORS, SynthConfig, draw_entities, entity_ids
 from fusionrec.encoders.pipeline import embedding_matrix, feature_path, read_features
 from fusionrec.models.layers import set_mean
-from fusionrec.train import TrainConfig, prepare
+from fusionrec.training.config import TrainConfig
+from fusionrec.training.data import prepare
 
 
 def _embeddings(features: str, side: str, kind: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,10 @@ from fusionrec.data.synth import SynthConfig, generate
 from fusionrec.models.config import ModelConfig
 from fusionrec.models.factory import build_model
 from fusionrec.ray_runtime import ensure_ray
-from fusionrec.train import TrainConfig, _loss, fit, make_optimizer, prepare
+from fusionrec.training.config import TrainConfig
+from fusionrec.training.data import prepare
+from fusionrec.training.engine import batch_loss, make_optimizer
+from fusionrec.training.ray_train import fit
 
 
 def plain_loop(cfg: TrainConfig, prepared, device: torch.device) -> float:
@@ -47,7 +50,7 @@ def plain_loop(cfg: TrainConfig, prepared, device: torch.device) -> float:
         order = torch.randperm(len(users), device=device)
         for s in range(0, len(users), cfg.batch_size):
             batch = order[s:s + cfg.batch_size]
-            loss = _loss(model, users[batch], items[batch], ratings[batch], cfg.objective, cfg.negatives,
+            loss = batch_loss(model, users[batch], items[batch], ratings[batch], cfg.objective, cfg.negatives,
                          prepared.items.n)
             optimizer.zero_grad()
             loss.backward()

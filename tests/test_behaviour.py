@@ -11,7 +11,10 @@ import pytest
 from fusionrec.data.schema import load_spec
 from fusionrec.data.synth import SynthConfig, generate
 from fusionrec.models.config import ModelConfig
-from fusionrec.train import TrainConfig, fit, prepare, score_test
+from fusionrec.training.command import score_test
+from fusionrec.training.config import TrainConfig
+from fusionrec.training.data import prepare
+from fusionrec.training.ray_train import fit
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
 

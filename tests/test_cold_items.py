@@ -18,7 +18,7 @@ from fusionrec.models.bundle import load_bundle, save_bundle
 from fusionrec.models.config import ModelConfig
 from fusionrec.models.content import build_side
 from fusionrec.models.factory import build_model
-from fusionrec.train import TrainConfig
+from fusionrec.training.config import TrainConfig
 from test_models import FixedScores  # the stand-in model of test_models.py (pytest puts tests/ on the path)
 
 runner = CliRunner()
@@ -121,7 +121,8 @@ def test_baselines_are_listed_and_train_under_the_implicit_objective_only():
 
 
 def test_negatives_are_drawn_from_training_items_only():
-    from fusionrec.train import LoopData, negative_pool
+    from fusionrec.training.data import LoopData
+    from fusionrec.training.engine import negative_pool
 
     cpu = torch.device("cpu")
     users, items = _sides()
@@ -159,7 +160,8 @@ def test_cold_items_fusion_trains_selects_on_validation_items_and_evaluates_on_t
 
     from fusionrec.evaluate import evaluate_bundle
     from fusionrec.registry import download
-    from fusionrec.train import loop_data, prepare, train
+    from fusionrec.training.command import train
+    from fusionrec.training.data import loop_data, prepare
 
     config = TrainConfig(dataset=str(tiny_shop), features=str(random_features), epochs=2, batch_size=64,
                          split="cold-items", objective="implicit")
@@ -186,7 +188,8 @@ def test_cold_item_baselines_train_log_and_evaluate_through_the_same_path(home, 
 
     from fusionrec.evaluate import evaluate_bundle
     from fusionrec.registry import download
-    from fusionrec.train import prepare, train
+    from fusionrec.training.command import train
+    from fusionrec.training.data import prepare
 
     result = runner.invoke(app, ["train", str(tiny_shop), "--features", str(random_features), "--model", "genre-pop",
                                  "--split", "cold-items", "--objective", "implicit", "--register"])

@@ -396,7 +396,7 @@ def test_id_dropout_follows_how_often_an_id_was_seen_in_training():
 
 
 def test_weight_average_warms_up_then_decays_and_is_what_validation_sees():
-    from fusionrec.train import WeightAverage
+    from fusionrec.training.engine import WeightAverage
 
     layer = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():

@@ -17,7 +17,10 @@ from typer.testing import CliRunner
 
 from fusionrec.cli import app
 from fusionrec.models.config import ModelConfig
-from fusionrec.train import TrainConfig, fit, prepare, train
+from fusionrec.training.command import train
+from fusionrec.training.config import TrainConfig
+from fusionrec.training.data import prepare
+from fusionrec.training.ray_train import fit
 
 pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.integration]
 runner = CliRunner()
@@ -228,7 +231,7 @@ def test_cli_train_rejects_bad_options(home, tiny_shop):
 
 
 def test_id_l2_defaults_per_objective():
-    from fusionrec.train import ID_L2
+    from fusionrec.training.config import ID_L2
 
     assert TrainConfig(dataset="d").id_l2 == ID_L2["rating"] == 3e-2  # the rating objective is unchanged
     assert TrainConfig(dataset="d", objective="implicit").id_l2 == ID_L2["implicit"] < 1e-3
@@ -260,7 +263,7 @@ def test_epoch_progress_follows_the_logged_epochs(home):
     import mlflow
 
     from fusionrec import registry
-    from fusionrec.train import EpochProgress
+    from fusionrec.training.tracking import EpochProgress
 
     registry.setup()
     with mlflow.start_run() as run:

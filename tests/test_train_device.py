@@ -28,10 +28,13 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors  # what torch.set_default_device redirects
 
-import fusionrec.train
+import fusionrec.training.engine
+import fusionrec.training.ray_train
 import fusionrec.tune
 from fusionrec.models.config import ModelConfig
-from fusionrec.train import TrainConfig, load_state, loop_config, loop_data, new_model, prepare
+from fusionrec.training.config import TrainConfig
+from fusionrec.training.data import loop_data, prepare
+from fusionrec.training.engine import load_state, new_model
 from fusionrec.tune import fit_in_trial
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -70,7 +73,7 @@ def _inputs_on(device: torch.device):
 def elsewhere_by_default(monkeypatch, device: torch.device, validated: list):
     """While active: fusionrec's unplaced tensors go to "meta"; every module of each model that
     fit_in_trial builds checks its inputs are on `device`; `validated` collects the device that
-    each call of train.validate was given."""
+    each call of engine.validate was given."""
 
     def checked_model(*args, **kwargs):
         mode.building = True
@@ -86,9 +89,9 @@ def elsewhere_by_default(monkeypatch, device: torch.device, validated: list):
         validated.append(inspect.signature(validate).bind(*args, **kwargs).arguments["device"])
         return validate(*args, **kwargs)
 
-    validate = fusionrec.train.validate
+    validate = fusionrec.training.engine.validate
     monkeypatch.setattr(fusionrec.tune, "new_model", checked_model)
-    monkeypatch.setattr(fusionrec.train, "validate", recorded_validate)
+    monkeypatch.setattr(fusionrec.training.engine, "validate", recorded_validate)
     with _UnnamedDeviceIsMeta() as mode:
         yield
 
@@ -154,7 +157,7 @@ def test_fusion_trains_on_cuda_like_on_the_cpu(tiny_shop, random_features):
     mean_guess = float(((data.validation["rating"] - data.train["rating"].mean()) ** 2).mean())
     assert math.isfinite(gpu["best"]["value"]) and gpu["best"]["value"] < 1.5 * mean_guess
     assert gpu["best"]["value"] == pytest.approx(cpu["best"]["value"], rel=0.15)  # other random draws on a GPU
-    on_cpu = new_model(data, loop_config(cfg, data, 1)["model"])
+    on_cpu = new_model(data, cfg)
     on_cpu.load_state_dict(gpu["best"]["state"])
     users, items = (torch.as_tensor(data.validation[c].to_numpy()) for c in ("user_idx", "item_idx"))
     with torch.no_grad():
@@ -185,7 +188,7 @@ def test_the_cluster_decides_whether_workers_reserve_gpus(tiny_shop, tmp_path, m
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", trainer)
     cfg = TrainConfig(dataset=str(tiny_shop), epochs=1, model=ModelConfig(model="svd"))
     with pytest.raises(Stop):
-        fusionrec.train.fit(cfg, prepare(cfg), tmp_path)
+        fusionrec.training.ray_train.fit(cfg, prepare(cfg), tmp_path)
     assert built[0].use_gpu is use_gpu and built[0].resources_per_worker == {"CPU": 2}
     assert trial_resources(1) == ({"cpu": 1, "gpu": 1} if use_gpu else {"cpu": 1})
     assert concurrent_trials(1) == (1 if use_gpu else 2)  # one trial per GPU
@@ -202,7 +205,7 @@ def test_ray_train_trains_on_the_cluster_gpu(tiny_shop, random_features, tmp_pat
     assert use_gpus()
     cfg = TrainConfig(dataset=str(tiny_shop), features=str(random_features), epochs=2, batch_size=64,
                       objective="implicit")
-    model, saved = fusionrec.train.fit(cfg, prepare(cfg), tmp_path)
+    model, saved = fusionrec.training.ray_train.fit(cfg, prepare(cfg), tmp_path)
     assert {p.device.type for p in model.parameters()} == {"cpu"} and math.isfinite(saved["best"]["value"])
     paths = list(tmp_path.glob("*/checkpoint_*/state.pt"))
     written = [torch.load(path, weights_only=False) for path in paths]

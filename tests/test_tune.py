@@ -32,10 +32,9 @@ def test_shipped_spaces_load(name):
 
 @pytest.mark.parametrize("name", ["ml100k-fusion", "ml100k-neumf-tuned"])
 def test_shipped_benchmark_configs_load_as_training_settings(name):
-    from fusionrec.train import load_config
+    from fusionrec.training.config import load_config
 
-    cfg = load_config(f"benchmarks/configs/{name}.yaml")
-    cfg.check()
+    cfg = load_config(f"benchmarks/configs/{name}.yaml")  # checked as it is made
     assert (cfg.objective, cfg.split) == ("implicit", "stratified")  # Microsoft Recommenders' protocol
 
 
@@ -95,12 +94,13 @@ def test_search_selects_on_validation_and_logs_children_under_one_parent(home, t
     from mlflow import MlflowClient
     from ray import tune
 
-    import fusionrec.train
+    import fusionrec.training.command
     import fusionrec.tune
-    from fusionrec.train import load_config
+    from fusionrec.training.config import load_config
 
     events, shipped = [], []
-    original_fit, original_score, original_data = tune.Tuner.fit, fusionrec.train.score_test, fusionrec.tune.loop_data
+    original_fit, original_data = tune.Tuner.fit, fusionrec.tune.loop_data
+    original_score = fusionrec.training.command.score_test
 
     def fit(self):
         grid = original_fit(self)
@@ -116,7 +116,7 @@ def test_search_selects_on_validation_and_logs_children_under_one_parent(home, t
         return shipped[-1]
 
     monkeypatch.setattr(tune.Tuner, "fit", fit)
-    monkeypatch.setattr(fusionrec.train, "score_test", score_test)
+    monkeypatch.setattr(fusionrec.training.command, "score_test", score_test)
     monkeypatch.setattr(fusionrec.tune, "loop_data", loop_data)
     space = write_space(tmp_path, GOOD)
     result = runner.invoke(app, ["tune", str(tiny_shop), "--features", str(features), "--space", str(space),
@@ -125,7 +125,8 @@ def test_search_selects_on_validation_and_logs_children_under_one_parent(home, t
     assert events == ["search finished", "test scored"]  # the test part is scored once, after the choice
 
     # What the trials received holds no test rating.
-    from fusionrec.train import TrainConfig, prepare
+    from fusionrec.training.config import TrainConfig
+    from fusionrec.training.data import prepare
 
     prepared = prepare(TrainConfig(dataset=str(tiny_shop), features=str(features)))
     test_pairs = set(map(tuple, prepared.part("test")[["user_idx", "item_idx"]].to_numpy()))
@@ -180,7 +181,7 @@ def test_asha_stops_a_weak_trial_early(home, tiny_shop, features, tmp_path):
 def test_the_defaults_are_the_first_trial_so_a_hopeless_space_crowns_them(home, tiny_shop, features, tmp_path):
     from mlflow import MlflowClient
 
-    from fusionrec.train import TrainConfig, load_config
+    from fusionrec.training.config import TrainConfig, load_config
     from fusionrec.tune import search
 
     # The space must contain the default learning rate (0.005, its top end), but what TPE samples
@@ -207,9 +208,9 @@ def test_a_trial_that_won_on_a_lucky_seed_loses_after_confirmation(home, tiny_sh
     from mlflow import MlflowClient
     from ray import tune
 
-    import fusionrec.train
+    import fusionrec.training.command
     import fusionrec.tune
-    from fusionrec.train import load_config
+    from fusionrec.training.config import load_config
 
     def val_mse(lr: float, seed: int) -> float:
         # On the search's seed (0) a higher learning rate validates better; on every other seed it
@@ -217,9 +218,9 @@ def test_a_trial_that_won_on_a_lucky_seed_loses_after_confirmation(home, tiny_sh
         return 1 - 10 * lr if seed == 0 else 1 + 10 * lr
 
     def fit(cfg, data, threads, device, report):  # fit_in_trial, one epoch that validates at val_mse()
-        from fusionrec.train import loop_config, new_model
+        from fusionrec.training.engine import new_model
 
-        model = new_model(data, loop_config(cfg, data, threads)["model"])
+        model = new_model(data, cfg)
         value = val_mse(cfg.lr, cfg.seed)
         report({"epoch": 0, "train_loss": value, "val_loss": value, "val_mse": value, "samples_per_s": 1.0,
                 "best_val_mse": value, "best_epoch": 0}, {"best": {"state": model.state_dict(), "value": value}})
@@ -236,7 +237,7 @@ def test_a_trial_that_won_on_a_lucky_seed_loses_after_confirmation(home, tiny_sh
         finally:
             worker.fit_in_trial = real_fit
 
-    events, original_fit, original_score = [], tune.Tuner.fit, fusionrec.train.score_test
+    events, original_fit, original_score = [], tune.Tuner.fit, fusionrec.training.command.score_test
 
     def tuner_fit(self):
         grid = original_fit(self)
@@ -249,7 +250,7 @@ def test_a_trial_that_won_on_a_lucky_seed_loses_after_confirmation(home, tiny_sh
 
     monkeypatch.setattr(fusionrec.tune, "run_trial", trial)
     monkeypatch.setattr(tune.Tuner, "fit", tuner_fit)
-    monkeypatch.setattr(fusionrec.train, "score_test", score_test)
+    monkeypatch.setattr(fusionrec.training.command, "score_test", score_test)
     space = write_space(tmp_path, {"search": {"lr": {"loguniform": [0.001, 0.05]}}}, "lr.yaml")
     result = runner.invoke(app, ["tune", str(tiny_shop), "--features", str(features), "--space", str(space),
                                  "--trials", "5", "--epochs", "1", "--search", "random"])  # --confirm-seeds 2
@@ -358,7 +359,7 @@ def test_ctrl_c_leaves_a_search_that_resume_finishes(tiny_shop, features, tmp_pa
 
 
 def test_train_config_file_with_flags_on_top(tmp_path, monkeypatch):
-    import fusionrec.train
+    import fusionrec.training.command
 
     seen = []
 
@@ -366,7 +367,7 @@ def test_train_config_file_with_flags_on_top(tmp_path, monkeypatch):
         seen.append(cfg)
         raise SystemExit(0)
 
-    monkeypatch.setattr(fusionrec.train, "train", fake_train)
+    monkeypatch.setattr(fusionrec.training.command, "train", fake_train)
     config = write_space(tmp_path, {"dataset": "shop", "seed": 0, "lr": 0.01, "model": {"mlp": [8, 4]}}, "best.yaml")
     runner.invoke(app, ["train", "--config", str(config), "--seed", "2", "--model", "svd"])
     assert len(seen) == 1

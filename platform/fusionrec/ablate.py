@@ -21,7 +21,8 @@ from fusionrec.config import state_folder
 from fusionrec.data.io import atomic_file
 from fusionrec.data.splits import cold_start_split, kfold
 from fusionrec.evaluate import candidate
-from fusionrec.train import TrainConfig, loop_data, prepare
+from fusionrec.training.config import TrainConfig
+from fusionrec.training.data import loop_data, prepare
 from fusionrec.tune import TrialProgress, fit_in_trial, quiet_tune, with_settings
 
 # row name -> (label in the table, model, variant), in the paper's order

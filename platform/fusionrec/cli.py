@@ -15,6 +15,8 @@ import typer
 from fusionrec import __version__
 from fusionrec.config import state_folder
 from fusionrec.data.problems import DataError
+from fusionrec.models.config import ModelConfig
+from fusionrec.training.config import TrainConfig
 from fusionrec.verbosity import configure as configure_output
 
 app = typer.Typer(help="fusionrec: multimodal recommendations on Ray.", no_args_is_help=True,
@@ -270,6 +272,9 @@ def _widths(value: str) -> list[int]:
         raise typer.BadParameter(f"expected comma-separated integers like 128,64, got {value!r}") from None
 
 
+_MLP = ",".join(map(str, ModelConfig().mlp))  # (a list default: a factory's, shown as the flag takes it)
+
+
 @app.command("train")
 @friendly_errors
 def train(
@@ -280,33 +285,35 @@ def train(
     features: Annotated[Path | None, typer.Option(help="Feature tables from `fusionrec encode`.")] = None,
     model: Annotated[str, typer.Option(help="fusion, neumf, svd, dnn, cnn, or the cold-item baselines genre-pop "
                                             "and content-knn (see `fusionrec models list`).")]
-    = "fusion",
-    variant: Annotated[str, typer.Option(help="full, no_image, no_text, no_structured or id_only.")] = "full",
-    mlp: Annotated[str, typer.Option(help="MLP widths, comma-separated.")] = "128,64",
+    = ModelConfig.model,
+    variant: Annotated[str, typer.Option(help="full, no_image, no_text, no_structured or id_only.")]
+    = ModelConfig.variant,
+    mlp: Annotated[str, typer.Option(help="MLP widths, comma-separated.")] = _MLP,
     codebooks: Annotated[int, typer.Option(help="Text/image projections as this many softmaxes over learned codes "
-                                                "(0: linear projections).", callback=at_least(0))] = 3,
-    epochs: Annotated[int, typer.Option(help="Training epochs (the best on validation is kept).")] = 30,
-    batch_size: Annotated[int, typer.Option(help="Ratings per batch (per worker).")] = 256,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 5e-3,
+                                                "(0: linear projections).", callback=at_least(0))]
+    = ModelConfig.codebooks,
+    epochs: Annotated[int, typer.Option(help="Training epochs (the best on validation is kept).")] = TrainConfig.epochs,
+    batch_size: Annotated[int, typer.Option(help="Ratings per batch (per worker).")] = TrainConfig.batch_size,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = TrainConfig.lr,
     objective: Annotated[str, typer.Option(help="rating (MSE on stars) or implicit (BCE, sampled negatives).")]
-    = "rating",
-    workers: Annotated[int, typer.Option(help="Ray Train workers (DDP).")] = 1,
+    = TrainConfig.objective,
+    workers: Annotated[int, typer.Option(help="Ray Train workers (DDP).")] = TrainConfig.workers,
     split: Annotated[str, typer.Option(help="random (70/10/20), stratified (75/25 per user), cold-start, "
                                             "cold-items (20 % of items held out whole) or loo.")]
-    = "random",
-    seed: Annotated[int, typer.Option(help="Seed for the split and the initialisation.")] = 0,
+    = TrainConfig.split,
+    seed: Annotated[int, typer.Option(help="Seed for the split and the initialisation.")] = TrainConfig.seed,
     id_l2: Annotated[float | None, typer.Option(help="Weight decay on the id embeddings (default: 3e-2 for "
-                                                     "rating, 1e-4 for implicit).")] = None,
+                                                     "rating, 1e-4 for implicit).")] = TrainConfig.id_l2,
     ema_decay: Annotated[float, typer.Option(help="Decay of the moving average of the weights that is validated "
-                                                  "and kept (0: the weights as trained).")] = 0.998,
+                                                  "and kept (0: the weights as trained).")] = TrainConfig.ema_decay,
     register: Annotated[bool, typer.Option(help="Register in MLflow; champion moves only over a champion of the "
                                                 "same data, split and objective that it beats on validation.")]
     = False,
 ) -> None:
     """Train a model with Ray Train, log it to MLflow, print the test metrics as one JSON object."""
     from fusionrec.data.schema import load_spec
-    from fusionrec.train import TrainConfig, load_config
-    from fusionrec.train import train as run_training
+    from fusionrec.training.command import train as run_training
+    from fusionrec.training.config import load_config
 
     flags = {"dataset": str(dataset) if dataset else None, "features": str(features) if features else None,
              "epochs": epochs, "batch_size": batch_size, "lr": lr, "objective": objective, "workers": workers,
@@ -324,8 +331,7 @@ def train(
         settings["model"] |= {k: v for k, v in model_flags.items() if given(k)}
     if not settings["dataset"]:
         raise ValueError("name the dataset: fusionrec train DATASET (or `dataset:` in --config)")
-    train_config = TrainConfig.from_dict(settings)
-    train_config.check()
+    train_config = TrainConfig.from_dict(settings)  # checked as it is made
     result = run_training(train_config, register=register)
     metric, value = result.selection
     floor = load_spec(Path(train_config.dataset)).truth.get("bayes_mse")

@@ -1,6 +1,6 @@
 """What "better" means: one validation metric per objective, and the comparison every choice uses.
 
-Epochs (train.py), trials (tune.py) and champions (registry.py) are all picked by `Selection`
+Epochs (training/engine.py), trials (tune.py) and champions (registry.py) are all picked by `Selection`
 (`better`, `best_first`), on validation data only, between runs that share an IDENTITY.
 """
 

@@ -1,7 +1,7 @@
 """`fusionrec tune`: a Ray Tune search over training configurations, chosen on validation only.
 
     SearchSpace.load(path)    tune/*.yaml -> a checked search space (unknown keys, bad ranges fail)
-    fit_in_trial(...)         train.py's epoch loop inside one Tune trial, one report per epoch
+    fit_in_trial(...)         training.engine's epoch loop inside one Tune trial, one report per epoch
     search(...)               Tuner (ASHA + Optuna TPE, or random) -> leaderboard -> the best trials
                               trained again on more seeds -> the best mean's model scored on test
                               once -> MLflow (a parent run, a child per trial and per confirmation)
@@ -43,17 +43,10 @@ from fusionrec.config import state_folder
 from fusionrec.data.io import atomic_file
 from fusionrec.models.config import ModelConfig
 from fusionrec.selection import IDENTITY, Selection
-from fusionrec.train import (
-    LoopData,
-    TrainConfig,
-    load_state,
-    log_epoch,
-    loop_config,
-    loop_data,
-    make_optimizer,
-    new_model,
-    run_epochs,
-)
+from fusionrec.training.config import TrainConfig
+from fusionrec.training.data import LoopData, loop_data
+from fusionrec.training.engine import load_state, make_optimizer, new_model, run_epochs
+from fusionrec.training.tracking import log_epoch
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 SPACE_KEYS = {"description", "fixed", "search"}
@@ -200,7 +193,7 @@ class SearchSpace:
     def _check_setting(self, key: str, value) -> None:
         settings = with_settings({"dataset": "-", **self.fixed_settings()}, {key: value})
         try:
-            TrainConfig.from_dict(settings).check()
+            TrainConfig.from_dict(settings)  # checked as it is made
         except (TypeError, ValueError) as error:
             raise ValueError(f"{self.path}: {key} = {value!r}: {error}") from None
 
@@ -233,7 +226,7 @@ def _report_checkpoint(state: dict, extra: dict) -> object:
 def fit_in_trial(cfg: TrainConfig, data: LoopData, threads: int, device: torch.device,
                  report: Callable[[dict, dict], None] | None = None) -> tuple[torch.nn.Module, dict]:
     """Train one configuration in this process (a Tune trial) on `device` (a trial's is
-    `ray_runtime.assigned_device()`): the epoch loop of train.py over in-memory shuffled batches,
+    `ray_runtime.assigned_device()`): the epoch loop of training.engine over in-memory shuffled batches,
     resumed from the trial's checkpoint if Tune restored one. Each epoch reports its validation
     metrics, the best so far (`best_<metric>`, `best_epoch`) and a checkpoint. Returns (the best
     model on validation, eval mode, on `device`; the last state)."""
@@ -241,8 +234,7 @@ def fit_in_trial(cfg: TrainConfig, data: LoopData, threads: int, device: torch.d
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
-    config = loop_config(cfg, data, threads)
-    model = new_model(data, config["model"]).to(device)
+    model = new_model(data, cfg).to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.id_l2)
     resume = None
     checkpoint = tune.get_checkpoint()
@@ -269,7 +261,7 @@ def fit_in_trial(cfg: TrainConfig, data: LoopData, threads: int, device: torch.d
         if report:
             report(metrics, state)
 
-    run_epochs(model, optimizer, data, config, batches, on_epoch, device, resume)
+    run_epochs(model, optimizer, data, cfg, batches, on_epoch, device, resume)
     model.load_state_dict(last["best"]["state"])
     return model.eval(), last
 
@@ -285,7 +277,7 @@ def run_trial(config: dict, data: LoopData, base: dict, threads: int, mlflow_tar
     from ray import tune
 
     from fusionrec.ray_runtime import assigned_device
-    from fusionrec.train import config_params
+    from fusionrec.training.tracking import config_params
 
     trial_id = tune.get_context().get_trial_id()
     sampled, run_name, tags = config, trial_id, {"fusionrec.trial_id": trial_id}
@@ -483,7 +475,9 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
 
     from fusionrec import registry
     from fusionrec.ray_runtime import concurrent_trials, ensure_ray, trial_resources
-    from fusionrec.train import as_test_metrics, log_trained_model, prepare, run_identity, score_test
+    from fusionrec.training.command import score_test
+    from fusionrec.training.data import prepare
+    from fusionrec.training.tracking import as_test_metrics, log_trained_model, run_identity
 
     if search_alg not in SEARCHES:
         raise ValueError(f"unknown search {search_alg!r}: choose one of {', '.join(SEARCHES)}")
@@ -496,8 +490,7 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
                                                   else None, "epochs": epochs, "seed": seed, "split": split})
     if objective:
         base["objective"] = objective
-    base_cfg = TrainConfig.from_dict(base)
-    base_cfg.check()
+    base_cfg = TrainConfig.from_dict(base)  # checked as it is made
     first = space.defaults(base)  # with the command line's objective, whose id_l2 default differs
     selection = base_cfg.selection
     prepared = prepare(base_cfg, pixels="cnn" in space.models())
@@ -593,7 +586,7 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
     with best_result.checkpoint.as_directory() as checkpoint:
         state = load_state(Path(checkpoint) / "state.pt")
     best_cfg = TrainConfig.from_dict(best)
-    model = new_model(data, loop_config(best_cfg, data, threads)["model"])
+    model = new_model(data, best_cfg)
     model.load_state_dict(state["best"]["state"])
     test_metrics = score_test(model.eval(), best_cfg, prepared)
     value = float(winner[f"best_{metric}"])  # the scored model's own (the search's seed)

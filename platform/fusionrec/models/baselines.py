@@ -9,7 +9,7 @@ FusionNeuMF, so one evaluator scores them all.
 And the cold-item ranking baselines a practitioner reaches for first. Neither has a parameter or a
 gradient step: `fit_ratings(users, items)` reads the training part once and stores what it needs
 as buffers (saved in the bundle's state dict like any weights).
-`train.fit` calls it instead of the Ray Train loop (`CountModel`): DDP refuses a module without
+`training.engine.fit_in_one_pass` fits it instead of the Ray Train loop (`CountModel`): DDP refuses a module without
 trainable parameters and Adam an empty parameter list, and there are no epochs to choose.
 
     genre-pop   : score(i) = popularity(i), the number of training ratings of i, for an item with
