@@ -499,12 +499,14 @@ def tune(
     metric, value = result.selection
     board = result.leaderboard
     columns = [c for c in board.columns if c not in ("mlflow_run_id", "status", "finished_at", "seeds")]
+    # The board shows at most 10 rows: say "all" when that is every trial, not "best 10 of 4".
+    shown = f"best 10 of {len(board)} trials" if len(board) > 10 else f"all {len(board)} trials"
     if result.spread:
-        typer.echo(f"best 10 of {len(board)} trials: the {int(board['seeds'].notna().sum())} confirmed on "
+        typer.echo(f"{shown}: the {int(board['seeds'].notna().sum())} confirmed on "
                    f"{len(result.spread['seeds'])} seeds first, by mean {metric} (validation), then the rest by "
                    f"{metric}:")
     else:
-        typer.echo(f"best 10 of {len(board)} trials by {metric} (validation):")
+        typer.echo(f"{shown} by {metric} (validation):")
     typer.echo(board[columns].head(10).to_string(index=False))
     scored = "selected trial"
     if result.spread:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from fusionrec.config import state_folder
 from fusionrec.selection import IDENTITY, Selection
+from fusionrec.verbosity import without_mlflow_notices
 
 if TYPE_CHECKING:
     from mlflow.entities import RunData
@@ -152,7 +153,8 @@ def register(model_uri: str, run_id: str) -> Promotion:
     except MlflowException:
         champion = None
     promoted, reason = decide(client.get_run(run_id).data, champion)
-    version = str(mlflow.register_model(model_uri, MODEL_NAME).version)
+    with without_mlflow_notices():  # we say which version it is, and whether it is champion, ourselves
+        version = str(mlflow.register_model(model_uri, MODEL_NAME).version)
     if promoted:
         client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
     return Promotion(version, promoted, reason)

@@ -478,7 +478,12 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
     from fusionrec.training.command import score_test
     from fusionrec.training.data import prepare
     from fusionrec.training.tracking import as_test_metrics, log_trained_model, run_identity
+    from fusionrec.verbosity import verbose
 
+    if not verbose():
+        # Optuna announces "A new study created in memory" at INFO: the study is the one OptunaSearch
+        # makes for Tune, nothing the user named or can reuse. (Optuna sets its level on import.)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     if search_alg not in SEARCHES:
         raise ValueError(f"unknown search {search_alg!r}: choose one of {', '.join(SEARCHES)}")
     if trials < 1 or epochs < 1 or cpus_per_trial <= 0 or (max_concurrent is not None and max_concurrent < 1):

@@ -1,27 +1,35 @@
 """How much of the dependencies' own output a user sees. Ground floor: no project imports.
 
 By default the CLI keeps its own results and progress bars and silences what Ray, Ray Data,
-MLflow and transformers print that a user cannot act on: Ray's start-up notices and core-worker
-log lines, Ray Data's progress logs and bars, MLflow's database set-up logs, its type-hint and
-pickle warnings and its artifact download bars, Hugging Face's progress bars. (Ray's token-auth
+MLflow, Optuna and transformers print that a user cannot act on: Ray's start-up notices, its
+notices of tasks it retries (Serve's controller on shutdown), Ray Data's progress logs and bars,
+MLflow's database set-up logs, its registry notices, its type-hint and pickle warnings and its
+artifact download bars, Optuna's study notice (tune.py), Hugging Face's progress bars. (Ray's token-auth
 notice is answered, not silenced: ray_runtime sets RAY_AUTH_MODE.) `fusionrec --verbose`
 (FUSIONREC_VERBOSE=1) leaves all of it as the dependencies print it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 VERBOSE = "FUSIONREC_VERBOSE"
 
 # Read by the dependencies when they are imported or start processes (which inherit them).
 QUIET_ENVIRONMENT = {
     "RAY_LOGGER_LEVEL": "warning",  # "Started a local Ray instance." and other start-up notices
-    "RAY_BACKEND_LOG_LEVEL": "fatal",  # core-worker lines on stderr; failures still raise
+    # Not RAY_BACKEND_LOG_LEVEL: Ray's C++ logger announces on stderr, in every process, that it read
+    # it ("Set ray log level from environment variable ..."); at its default the core worker prints
+    # nothing on a train, tune, encode or serve run.
+    # "Task ServeController.graceful_shutdown failed ... will be retried", from our own core worker on
+    # `serve.shutdown()`: Serve's controller answers that call by being killed, on purpose. The setting
+    # only drops notices of tasks Ray retries; a task that finally fails still raises in its caller.
+    "RAY_enable_output_error_log_if_still_retry": "0",
     # database set-up logs, and the warning that pyfunc models are pickled (the format we chose)
     "MLFLOW_LOGGING_LEVEL": "ERROR",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
@@ -69,3 +77,21 @@ def quiet_ray_libraries() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # incl. its notice that the bars are off
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def without_mlflow_notices() -> Iterator[None]:
+    """MLflow prints some notices itself, not through a logger whose level we set: e.g. on
+    register_model "Successfully registered model 'fusionrec'." and "Created version '1' ...". They go
+    through its logging stream, which this turns off for the block (its errors still raise)."""
+    if verbose():
+        yield
+        return
+    from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM
+
+    enabled = MLFLOW_LOGGING_STREAM.enabled
+    MLFLOW_LOGGING_STREAM.enabled = False
+    try:
+        yield
+    finally:
+        MLFLOW_LOGGING_STREAM.enabled = enabled
