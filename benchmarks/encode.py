@@ -48,7 +48,7 @@ from fusionrec.encoders.base import (
 )
 from fusionrec.encoders.batch_inference import BATCH_SIZE, prepare_images, prepare_texts
 from fusionrec.encoders.pipeline import EncodeConfig, encode_dataset
-from fusionrec.ray_runtime import ensure_ray
+from fusionrec.ops.ray_runtime import ensure_ray
 
 app = typer.Typer(add_completion=False)
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 import typer
 
-from fusionrec.cluster import LocalCluster
 from fusionrec.data.synth import SynthConfig, generate
 from fusionrec.models.config import ModelConfig
 from fusionrec.models.factory import build_model
-from fusionrec.ray_runtime import ensure_ray
+from fusionrec.ops.cluster import LocalCluster
+from fusionrec.ops.ray_runtime import ensure_ray
 from fusionrec.training.config import TrainConfig
 from fusionrec.training.data import prepare
 from fusionrec.training.engine import batch_loss, make_optimizer

@@ -107,7 +107,7 @@ def local_ray():
     """One local Ray for the whole session (2 CPUs, small object store)."""
     import ray
 
-    from fusionrec.ray_runtime import ensure_ray
+    from fusionrec.ops.ray_runtime import ensure_ray
 
     ensure_ray(num_cpus=2)
     yield
@@ -170,7 +170,7 @@ def served_bundles(tiny_shop, tiny_models, tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def free_port():
     """A function giving a TCP port on loopback that nothing listens on right now."""
-    from fusionrec.processes import free_port
+    from fusionrec.ops.processes import free_port
 
     return free_port
 

@@ -53,7 +53,7 @@ def test_an_actor_without_a_reserved_gpu_never_touches_cuda(tiny_models, monkeyp
                           str(tiny_models["bert"]), "sentence")
     assert actor(batch)["embedding"].shape == (3, 32)
     monkeypatch.setattr("ray.get_gpu_ids", lambda: ["0"])
-    from fusionrec.ray_runtime import assigned_device
+    from fusionrec.ops.ray_runtime import assigned_device
 
     assert str(assigned_device()) == "cuda"
     # outside Ray: the CPU, without asking Ray (ray.get_gpu_ids() would start a local Ray here)

@@ -39,8 +39,8 @@ def ray_must_not_start(monkeypatch, home):
     def refuse(*args, **kwargs):
         raise AssertionError("Ray was started before the bad input was found")
 
-    monkeypatch.setattr("fusionrec.ray_runtime.ensure_ray", refuse)
-    monkeypatch.setattr("fusionrec.cluster.up", refuse)
+    monkeypatch.setattr("fusionrec.ops.ray_runtime.ensure_ray", refuse)
+    monkeypatch.setattr("fusionrec.ops.cluster.up", refuse)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # no cluster, unless a test names one
 
 

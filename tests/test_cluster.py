@@ -14,8 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fusionrec.cli import app
-from fusionrec.cluster import LocalCluster
-from fusionrec.processes import spawn, stop_processes
+from fusionrec.ops.cluster import LocalCluster
+from fusionrec.ops.processes import spawn, stop_processes
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +73,7 @@ def session_processes(pids: list[int]) -> list:
 def home(monkeypatch, tmp_path):
     """A state folder of the test's own; no cluster or tracking server inherited from outside. Whatever
     a failing test leaves recorded is stopped: other clusters share this machine."""
-    from fusionrec.cluster import down
+    from fusionrec.ops.cluster import down
 
     monkeypatch.setenv("FUSIONREC_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -85,7 +85,7 @@ def home(monkeypatch, tmp_path):
 def test_a_failed_up_names_the_process_and_stops_everything_it_started(monkeypatch, home):
     """The worker's `ray start` refuses an option: `cluster up` fails naming it, its command and its
     log's last lines, and none of what it started (the server, the head and theirs) is left."""
-    from fusionrec import cluster
+    from fusionrec.ops import cluster
 
     started, before_worker = [], []
     real_spawn = cluster.spawn

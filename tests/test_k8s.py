@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from fusionrec.cli import app
-from fusionrec.k8s import _kubectl_error
+from fusionrec.ops.k8s import _kubectl_error
 
 REPO = Path(__file__).resolve().parents[1]
 PROBLEM = re.compile(r"^\S+: \S+: \S+: .+$")  # FILE: KIND/NAME: path.to.field: message

@@ -173,7 +173,7 @@ def test_the_cluster_decides_whether_workers_reserve_gpus(tiny_shop, tmp_path, m
     import ray
     import ray.train.torch
 
-    from fusionrec.ray_runtime import concurrent_trials, trial_resources
+    from fusionrec.ops.ray_runtime import concurrent_trials, trial_resources
 
     class Stop(Exception):
         pass
@@ -200,7 +200,7 @@ def test_the_cluster_decides_whether_workers_reserve_gpus(tiny_shop, tmp_path, m
 def test_ray_train_trains_on_the_cluster_gpu(tiny_shop, random_features, tmp_path):
     """`fit` through Ray Train, one worker, no MLflow: the worker trains on the GPU (its checkpoint
     holds CUDA tensors) and the driver gets the best model back on the CPU."""
-    from fusionrec.ray_runtime import use_gpus
+    from fusionrec.ops.ray_runtime import use_gpus
 
     assert use_gpus()
     cfg = TrainConfig(dataset=str(tiny_shop), features=str(random_features), epochs=2, batch_size=64,

@@ -52,7 +52,7 @@ def run_fit(config: dict, users, items, ratings, splits: dict, base: dict, threa
     """One trial: a row's model on one fold (or one cold-start seed); reports its test metrics."""
     from ray import tune
 
-    from fusionrec.ray_runtime import assigned_device
+    from fusionrec.ops.ray_runtime import assigned_device
 
     _, model, variant = ROWS[config["row"]]
     cfg = TrainConfig.from_dict(with_settings(base, {"model.model": model, "model.variant": variant}))
@@ -130,7 +130,7 @@ def ablate(dataset: str, features: str | None, folds: int = 5, epochs: int = 10,
     from ray import tune
 
     from fusionrec import registry
-    from fusionrec.ray_runtime import concurrent_trials, ensure_ray, trial_resources
+    from fusionrec.ops.ray_runtime import concurrent_trials, ensure_ray, trial_resources
 
     rows = rows or list(ROWS)
     unknown = [r for r in rows if r not in ROWS]

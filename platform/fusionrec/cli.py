@@ -569,7 +569,7 @@ def cluster_up(
 ) -> None:
     """Start a head and N worker nodes on this machine plus an MLflow tracking server, detached;
     prints the two exports (eval "$(fusionrec cluster up)" sets them)."""
-    from fusionrec.cluster import up
+    from fusionrec.ops.cluster import up
 
     state = up(workers, cpus_per_node, object_store_mb * 1024**2)
     typer.echo(f"cluster up: a head and {workers} worker node{'s' * (workers != 1)}, {cpus_per_node} CPU "
@@ -584,7 +584,7 @@ def cluster_up(
 def cluster_status() -> None:
     """Nodes and CPUs, running jobs, the Serve application and the tracking server (RAY_ADDRESS's
     cluster if set, else the local one)."""
-    from fusionrec.cluster import status, target
+    from fusionrec.ops.cluster import status, target
 
     try:
         tgt = target()
@@ -599,14 +599,14 @@ def cluster_status() -> None:
 @friendly_errors
 def cluster_down() -> None:
     """Stop exactly what `fusionrec cluster up` started (its recorded processes); safe to repeat."""
-    from fusionrec.cluster import down
+    from fusionrec.ops.cluster import down
 
     stopped = down()
     typer.echo("no cluster" if stopped is None else f"cluster down: {stopped} processes stopped")
 
 
 def _target():
-    from fusionrec.cluster import target
+    from fusionrec.ops.cluster import target
 
     tgt = target()
     if tgt.local:
@@ -623,7 +623,7 @@ def job_submit(
     = True,
 ) -> None:
     """Package this directory and run jobs/NAME.py with ARGS on the cluster; exits 0 only if the job succeeds."""
-    from fusionrec import jobs
+    from fusionrec.ops import jobs
 
     tgt = _target()
     job_id = jobs.submit(tgt, name, args or [])
@@ -646,7 +646,7 @@ def job_submit(
 @friendly_errors
 def job_list() -> None:
     """Every job on the cluster, oldest first: id, status, entrypoint."""
-    from fusionrec import jobs
+    from fusionrec.ops import jobs
 
     for job in jobs.list_jobs(_target()):
         typer.echo(f"{job.submission_id or job.job_id}  {job.status.value:9s}  {job.entrypoint}")
@@ -656,7 +656,7 @@ def job_list() -> None:
 @friendly_errors
 def job_logs(job_id: Annotated[str, typer.Argument(help="Submission id (from `fusionrec job list`).")]) -> None:
     """Print a job's logs so far."""
-    from fusionrec import jobs
+    from fusionrec.ops import jobs
 
     typer.echo(jobs.logs(_target(), job_id), nl=False)
 
@@ -665,7 +665,7 @@ def job_logs(job_id: Annotated[str, typer.Argument(help="Submission id (from `fu
 @friendly_errors
 def job_stop(job_id: Annotated[str, typer.Argument(help="Submission id (from `fusionrec job list`).")]) -> None:
     """Stop a running job."""
-    from fusionrec import jobs
+    from fusionrec.ops import jobs
 
     stopped = jobs.stop(_target(), job_id)
     typer.echo(f"{job_id}: {'stopping' if stopped else 'already ended'}")
@@ -682,7 +682,7 @@ ServeConfig = Annotated[Path, typer.Option(help="The Serve config that the RaySe
 @friendly_errors
 def k8s_render(folder: K8sFolder = Path("k8s"), serve_config: ServeConfig = Path("serve/config.yaml")) -> None:
     """Write the RayService's serveConfigV2 from the Serve config, so Kubernetes serves what `fusionrec serve` does."""
-    from fusionrec.k8s import render
+    from fusionrec.ops.k8s import render
 
     for path in render(folder, serve_config):
         typer.echo(f"rendered {path}: spec.serveConfigV2 from {serve_config}")
@@ -692,7 +692,7 @@ def k8s_render(folder: K8sFolder = Path("k8s"), serve_config: ServeConfig = Path
 @friendly_errors
 def k8s_validate(folder: K8sFolder = Path("k8s"), serve_config: ServeConfig = Path("serve/config.yaml")) -> None:
     """Check every manifest and overlay offline; print each problem as FILE: KIND/NAME: path.to.field: message."""
-    from fusionrec.k8s import validate
+    from fusionrec.ops.k8s import validate
 
     report = validate(folder, serve_config)
     if report.problems:

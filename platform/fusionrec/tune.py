@@ -276,7 +276,7 @@ def run_trial(config: dict, data: LoopData, base: dict, threads: int, mlflow_tar
     from mlflow import MlflowClient
     from ray import tune
 
-    from fusionrec.ray_runtime import assigned_device
+    from fusionrec.ops.ray_runtime import assigned_device
     from fusionrec.training.tracking import config_params
 
     trial_id = tune.get_context().get_trial_id()
@@ -474,7 +474,7 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
     from ray.tune.search.optuna import OptunaSearch
 
     from fusionrec import registry
-    from fusionrec.ray_runtime import concurrent_trials, ensure_ray, trial_resources
+    from fusionrec.ops.ray_runtime import concurrent_trials, ensure_ray, trial_resources
     from fusionrec.training.command import score_test
     from fusionrec.training.data import prepare
     from fusionrec.training.tracking import as_test_metrics, log_trained_model, run_identity

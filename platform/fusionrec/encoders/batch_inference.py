@@ -25,7 +25,7 @@ import numpy as np
 from fusionrec.data.images import ImageProblem, open_image, resolve_image_path
 from fusionrec.encoders.base import ImageEncoder, TextEncoder, resolve_precision, tokenize
 from fusionrec.encoders.prepare import resized_rgb
-from fusionrec.ray_runtime import assigned_device
+from fusionrec.ops.ray_runtime import assigned_device
 
 # Rows per forward-pass call when --batch-size is not given. On a GPU, large calls keep the
 # per-call costs (Ray, Python) small against the forward pass; a text is about five sentences.

@@ -331,7 +331,7 @@ def _removed_if_new_on_failure(out: Path):
 def _pool(cfg: EncodeConfig) -> PoolPlan:
     import ray
 
-    from fusionrec.ray_runtime import ensure_ray
+    from fusionrec.ops.ray_runtime import ensure_ray
 
     ensure_ray()
     largest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)

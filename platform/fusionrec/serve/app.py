@@ -147,7 +147,7 @@ def start(model_uri: str | None = None, host: str | None = None, port: int | Non
     """Deploy the application on the current Ray (started if needed) and wait until it answers.
     Flags override the config file. Returns the model's /model description."""
     from fusionrec import registry
-    from fusionrec.ray_runtime import ensure_ray
+    from fusionrec.ops.ray_runtime import ensure_ray
 
     settings = read_config(config)
     args = {**settings["args"], **({"model_uri": model_uri} if model_uri else {})}

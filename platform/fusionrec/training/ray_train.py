@@ -88,7 +88,7 @@ def fit(cfg: TrainConfig, prepared: Prepared, storage: Path,
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from fusionrec.ray_runtime import cpus_each, ensure_ray, use_gpus
+    from fusionrec.ops.ray_runtime import cpus_each, ensure_ray, use_gpus
 
     data = loop_data(prepared.users, prepared.items, prepared.ratings, prepared.split)
     if cfg.model.model in NO_GRADIENT:

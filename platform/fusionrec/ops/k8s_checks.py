@@ -1,8 +1,8 @@
-"""The checks `fusionrec k8s validate` runs on each resource kustomize builds (fusionrec.k8s):
+"""The checks `fusionrec k8s validate` runs on each resource kustomize builds (fusionrec.ops.k8s):
 
 - core kinds (Deployment, Service, PersistentVolumeClaim, ...) against kubernetes-validate's strict
   schemas (unknown fields fail);
-- RayCluster / RayJob / RayService against fusionrec.k8s_schema (the KubeRay fields we use, nothing
+- RayCluster / RayJob / RayService against fusionrec.ops.k8s_schema (the KubeRay fields we use, nothing
   else), their pod templates against the PodTemplateSpec schema that kubernetes-validate ships;
 - each serveConfigV2 with Ray Serve's ServeDeploySchema and AutoscalingConfig (plus unknown fields,
   which Serve would ignore), its deployments against the application's, and against what `render`
@@ -25,7 +25,7 @@ import yaml
 from jsonschema.exceptions import best_match
 from referencing import Registry, Resource
 
-from fusionrec.k8s_schema import ray_schemas
+from fusionrec.ops.k8s_schema import ray_schemas
 
 
 def _field(parts: typing.Iterable[object]) -> str:

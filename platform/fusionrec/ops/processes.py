@@ -1,4 +1,4 @@
-"""The processes of a local cluster (fusionrec.cluster): each started detached in a session of its
+"""The processes of a local cluster (fusionrec.ops.cluster): each started detached in a session of its
 own, known by pid and start time (a pid alone may be reused), stopped with everything in its
 session, and named, with its command and log tail, when it fails to start.
 """

@@ -4,7 +4,7 @@
 runs the same deployments and autoscaling as `fusionrec serve`. `validate` builds every
 kustomization, base and overlays, as `kubectl kustomize` builds it (a kustomization it cannot build
 stops `validate` with kustomize's own error, on one line), checks every resource in the output
-(fusionrec.k8s_checks: the schemas, serveConfigV2 against serve/config.yaml) and reports each
+(fusionrec.ops.k8s_checks: the schemas, serveConfigV2 against serve/config.yaml) and reports each
 problem as one line, `FILE: KIND/NAME: path.to.field: message`.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from fusionrec.k8s_checks import Checker, cluster_serve_config
+from fusionrec.ops.k8s_checks import Checker, cluster_serve_config
 
 KUSTOMIZATION = "kustomization.yaml"
 KUSTOMIZE_TIMEOUT_S = 60

@@ -15,8 +15,8 @@ import shlex
 from collections.abc import Callable
 from pathlib import Path
 
-from fusionrec.cluster import Target, job_client
 from fusionrec.config import state_folder
+from fusionrec.ops.cluster import Target, job_client
 
 JOBS_DIR = "jobs"
 # gitignore-style, relative to the working directory (Ray also honours .gitignore)

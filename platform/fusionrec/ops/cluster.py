@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fusionrec.config import state_folder
-from fusionrec.processes import Proc, exited, free_port, log_tail, spawn, start_failed, stop_processes
-from fusionrec.ray_runtime import default_auth_mode
+from fusionrec.ops.processes import Proc, exited, free_port, log_tail, spawn, start_failed, stop_processes
+from fusionrec.ops.ray_runtime import default_auth_mode
 
 STATE_FILE = "cluster.json"
 
