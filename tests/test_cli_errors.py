@@ -18,7 +18,8 @@ import typer
 from typer.testing import CliRunner
 
 from conftest import make_dataset
-from fusionrec.cli import app, friendly_errors
+from fusionrec.cli import app
+from fusionrec.cli.base import friendly_errors
 
 runner = CliRunner()
 PROBLEM = re.compile(r"^[^:]+:(\d+|-):[^:]*: .+")  # FILE:ROW:COLUMN: message
