@@ -36,11 +36,11 @@ from fusionrec.data.movielens import convert
 from fusionrec.data.synth import SynthConfig, generate
 from fusionrec.models.bundle import save_bundle
 from fusionrec.models.config import ModelConfig
+from fusionrec.search.trial import fit_in_trial
 from fusionrec.serve.candidates import CandidateIndex, item_keys, user_query
 from fusionrec.serve.ranker import Ranker
 from fusionrec.training.config import TrainConfig
 from fusionrec.training.data import loop_data, prepare
-from fusionrec.tune import fit_in_trial
 
 K = 100  # recall@K
 TARGET = 0.95

@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 import typer
 
-from fusionrec.tune import search
+from fusionrec.search.tune import search
 
 
 class CpuSampler:

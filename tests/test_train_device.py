@@ -28,14 +28,14 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors  # what torch.set_default_device redirects
 
+import fusionrec.search.trial
 import fusionrec.training.engine
 import fusionrec.training.ray_train
-import fusionrec.tune
 from fusionrec.models.config import ModelConfig
+from fusionrec.search.trial import fit_in_trial
 from fusionrec.training.config import TrainConfig
 from fusionrec.training.data import loop_data, prepare
 from fusionrec.training.engine import load_state, new_model
-from fusionrec.tune import fit_in_trial
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
@@ -90,7 +90,7 @@ def elsewhere_by_default(monkeypatch, device: torch.device, validated: list):
         return validate(*args, **kwargs)
 
     validate = fusionrec.training.engine.validate
-    monkeypatch.setattr(fusionrec.tune, "new_model", checked_model)
+    monkeypatch.setattr(fusionrec.search.trial, "new_model", checked_model)
     monkeypatch.setattr(fusionrec.training.engine, "validate", recorded_validate)
     with _UnnamedDeviceIsMeta() as mode:
         yield

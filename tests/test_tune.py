@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from fusionrec.cli import app
-from fusionrec.tune import SearchSpace
+from fusionrec.search.space import SearchSpace
 
 runner = CliRunner()
 GOOD = {"fixed": {"objective": "rating", "model": {"model": "fusion"}},
@@ -94,12 +94,12 @@ def test_search_selects_on_validation_and_logs_children_under_one_parent(home, t
     from mlflow import MlflowClient
     from ray import tune
 
+    import fusionrec.search.tune
     import fusionrec.training.command
-    import fusionrec.tune
     from fusionrec.training.config import load_config
 
     events, shipped = [], []
-    original_fit, original_data = tune.Tuner.fit, fusionrec.tune.loop_data
+    original_fit, original_data = tune.Tuner.fit, fusionrec.search.tune.loop_data
     original_score = fusionrec.training.command.score_test
 
     def fit(self):
@@ -117,7 +117,7 @@ def test_search_selects_on_validation_and_logs_children_under_one_parent(home, t
 
     monkeypatch.setattr(tune.Tuner, "fit", fit)
     monkeypatch.setattr(fusionrec.training.command, "score_test", score_test)
-    monkeypatch.setattr(fusionrec.tune, "loop_data", loop_data)
+    monkeypatch.setattr(fusionrec.search.tune, "loop_data", loop_data)
     space = write_space(tmp_path, GOOD)
     result = runner.invoke(app, ["tune", str(tiny_shop), "--features", str(features), "--space", str(space),
                                  "--trials", "4", "--epochs", "2", "--register", "--confirm-seeds", "0"])
@@ -160,7 +160,7 @@ def test_search_selects_on_validation_and_logs_children_under_one_parent(home, t
 @pytest.mark.integration
 @pytest.mark.usefixtures("local_ray")
 def test_asha_stops_a_weak_trial_early(home, tiny_shop, features, tmp_path):
-    from fusionrec.tune import search
+    from fusionrec.search.tune import search
 
     # One trial at a time over learning rates from hopeless to good: at the first rung ASHA must stop
     # a trial that validates worse than half of those before it (seeded, so the order is fixed).
@@ -181,8 +181,8 @@ def test_asha_stops_a_weak_trial_early(home, tiny_shop, features, tmp_path):
 def test_the_defaults_are_the_first_trial_so_a_hopeless_space_crowns_them(home, tiny_shop, features, tmp_path):
     from mlflow import MlflowClient
 
+    from fusionrec.search.tune import search
     from fusionrec.training.config import TrainConfig, load_config
-    from fusionrec.tune import search
 
     # The space must contain the default learning rate (0.005, its top end), but what TPE samples
     # from it is hopeless: every sampled rate is far below it (checked below; the search is seeded).
@@ -208,8 +208,8 @@ def test_a_trial_that_won_on_a_lucky_seed_loses_after_confirmation(home, tiny_sh
     from mlflow import MlflowClient
     from ray import tune
 
+    import fusionrec.search.tune
     import fusionrec.training.command
-    import fusionrec.tune
     from fusionrec.training.config import load_config
 
     def val_mse(lr: float, seed: int) -> float:
@@ -227,9 +227,9 @@ def test_a_trial_that_won_on_a_lucky_seed_loses_after_confirmation(home, tiny_sh
         return model, {}
 
     def trial(*args, **kwargs):
-        # Runs in a Tune worker (a local function travels by value), whose fusionrec.tune is its own
+        # Runs in a Tune worker (a local function travels by value), whose fusionrec.search.trial is its own
         # import: its run_trial as it is, training with fit().
-        import fusionrec.tune as worker
+        import fusionrec.search.trial as worker
 
         real_fit, worker.fit_in_trial = worker.fit_in_trial, fit
         try:
@@ -248,7 +248,7 @@ def test_a_trial_that_won_on_a_lucky_seed_loses_after_confirmation(home, tiny_sh
         events.append("test scored")
         return original_score(*args, **kwargs)
 
-    monkeypatch.setattr(fusionrec.tune, "run_trial", trial)
+    monkeypatch.setattr(fusionrec.search.tune, "run_trial", trial)
     monkeypatch.setattr(tune.Tuner, "fit", tuner_fit)
     monkeypatch.setattr(fusionrec.training.command, "score_test", score_test)
     space = write_space(tmp_path, {"search": {"lr": {"loguniform": [0.001, 0.05]}}}, "lr.yaml")
@@ -290,7 +290,7 @@ def test_a_trial_that_won_on_a_lucky_seed_loses_after_confirmation(home, tiny_sh
 
 
 def test_confirmation_candidates_are_the_best_three_finished_and_the_defaults():
-    from fusionrec.tune import confirmation_candidates
+    from fusionrec.search.board import confirmation_candidates
 
     board = pd.DataFrame({"trial": list("abcdef"), "best_val_mse": [0.5, 0.6, 0.7, 0.8, 0.9, None],
                           "status": ["done", "failed", "done", "done", "done", "done"],
@@ -382,11 +382,11 @@ def test_train_config_file_with_flags_on_top(tmp_path, monkeypatch):
 def test_leaderboard_skips_trials_a_time_budget_never_started():
     from types import SimpleNamespace
 
+    from fusionrec.search.board import leaderboard
     from fusionrec.selection import Selection
-    from fusionrec.tune import _leaderboard
 
     ran = SimpleNamespace(metrics={"trial_id": "a", "best_val_mse": 0.8, "best_epoch": 1, "training_iteration": 2,
                                    "mlflow_run_id": "r"}, config={"lr": 0.01}, error=None, path="/x/a")
     pending = SimpleNamespace(metrics={}, config=None, error=None, path="/x/b")
-    board = _leaderboard([ran, pending], Selection("val_mse", "min"), epochs=4, defaults={"lr": 0.01})
+    board = leaderboard([ran, pending], Selection("val_mse", "min"), epochs=4, defaults={"lr": 0.01})
     assert board["trial"].tolist() == ["a"] and bool(board.loc[0, "stopped_early"]) and bool(board.loc[0, "defaults"])

@@ -1,6 +1,6 @@
 """What "better" means: one validation metric per objective, and the comparison every choice uses.
 
-Epochs (training/engine.py), trials (tune.py) and champions (registry.py) are all picked by `Selection`
+Epochs (training/engine.py), trials (search/trial.py) and champions (registry.py) are all picked by `Selection`
 (`better`, `best_first`), on validation data only, between runs that share an IDENTITY.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 VALIDATION_K = 10  # implicit feedback is selected on nDCG at this cut-off
 # What makes two runs comparable: validation metrics are only compared between runs that agree on
-# all of these (registry.py tags every run with them; tune.py never searches the settings among them).
+# all of these (registry.py tags every run with them; search/space.py never searches the settings among them).
 IDENTITY = {"data": "dataset", "features": "set of feature tables", "split": "split", "seed": "split seed",
             "objective": "objective"}
 

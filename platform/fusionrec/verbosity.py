@@ -4,7 +4,7 @@ By default the CLI keeps its own results and progress bars and silences what Ray
 MLflow, Optuna and transformers print that a user cannot act on: Ray's start-up notices, its
 notices of tasks it retries (Serve's controller on shutdown), Ray Data's progress logs and bars,
 MLflow's database set-up logs, its registry notices, its type-hint and pickle warnings and its
-artifact download bars, Optuna's study notice (tune.py), Hugging Face's progress bars. (Ray's token-auth
+artifact download bars, Optuna's study notice (search/tune.py), Hugging Face's progress bars. (Ray's token-auth
 notice is answered, not silenced: ray_runtime sets RAY_AUTH_MODE.) `fusionrec --verbose`
 (FUSIONREC_VERBOSE=1) leaves all of it as the dependencies print it.
 """

@@ -40,7 +40,7 @@ def tune(
     """Search training configurations with Ray Tune, choose on validation, score the choice on test once."""
     import yaml
 
-    from fusionrec.tune import search as run_search
+    from fusionrec.search.tune import search as run_search
 
     try:
         result = run_search(str(dataset), str(features) if features else None, space, trials=trials, epochs=epochs,
@@ -93,7 +93,7 @@ def ablate(
     seed: Annotated[int, typer.Option(help="Seed for the folds and the fits.")] = 0,
 ) -> None:
     """The paper's Table 1: every model and ablation x K folds as Ray Tune trials, mean ± std."""
-    from fusionrec.ablate import ablate as run_ablation
+    from fusionrec.search.ablate import ablate as run_ablation
 
     try:
         result = run_ablation(str(dataset), str(features) if features else None, folds=folds, epochs=epochs, out=out,

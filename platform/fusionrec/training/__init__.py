@@ -4,7 +4,7 @@
     data.py       prepare(): dataset + feature tables -> content, index-coded ratings, split;
                   loop_data(): the training and validation parts a worker or a trial receives
     engine.py     loss, optimiser, weight average, validation and the epoch loop (`run_epochs`),
-                  shared by Ray Train's workers and Ray Tune's trials (tune.py); no Ray, no MLflow
+                  shared by Ray Train's workers and Ray Tune's trials (search/trial.py); no Ray, no MLflow
     ray_train.py  fit(): TorchTrainer (ScalingConfig, RunConfig, FailureConfig) and its workers
     tracking.py   MLflow: params, identity tags, per-epoch history, the progress bar, the loss
                   curve, the logged model

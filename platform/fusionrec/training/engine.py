@@ -1,6 +1,6 @@
 """The training itself, wherever it runs: the loss, the optimiser, the weight average, validation
 and the epoch loop (`run_epochs`), shared by Ray Train's workers (ray_train.py) and Ray Tune's
-trials (tune.py). Nothing here knows of Ray or MLflow: the caller hands in the batches, the device
+trials (search/trial.py). Nothing here knows of Ray or MLflow: the caller hands in the batches, the device
 and what to do with each epoch's report.
 """
 

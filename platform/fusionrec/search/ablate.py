@@ -21,9 +21,10 @@ from fusionrec.config import state_folder
 from fusionrec.data.io import atomic_file
 from fusionrec.data.splits import cold_start_split, kfold
 from fusionrec.evaluate import candidate
+from fusionrec.search.space import with_settings
+from fusionrec.search.trial import TrialProgress, fit_in_trial, quiet_tune
 from fusionrec.training.config import TrainConfig
 from fusionrec.training.data import loop_data, prepare
-from fusionrec.tune import TrialProgress, fit_in_trial, quiet_tune, with_settings
 
 # row name -> (label in the table, model, variant), in the paper's order
 ROWS = {
