@@ -62,6 +62,25 @@ def test_every_model_scores_pairs_and_all_items(name):
     loss.backward()  # trainable end to end
 
 
+# The id embedding tables each model names (rows: users + unknown, items + unknown): the only
+# parameters id_l2 decays. Content models have none.
+ID_TABLES = {"fusion": {(7, 32), (6, 32)}, "neumf": {(7, 32), (6, 32)}, "svd": {(7, 32), (6, 32)},
+             "dnn": set(), "cnn": set(), "genre-pop": set(), "content-knn": set()}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_the_optimiser_decays_exactly_the_id_embeddings_the_model_names(name):
+    from fusionrec.training.engine import make_optimizer
+
+    users, items = sides()
+    model = build_model(users, items, ModelConfig(model=name, embedding_dim=32, global_mean=3.5))
+    decayed, rest = make_optimizer(model, lr=1e-3, id_l2=0.03).param_groups
+    assert (decayed["weight_decay"], rest["weight_decay"]) == (0.03, 0.0)
+    assert {tuple(p.shape) for p in decayed["params"]} == ID_TABLES[name] and len(decayed["params"]) == len(ID_TABLES[name])
+    every = [id(p) for p in model.parameters()]
+    assert sorted(every) == sorted(id(p) for p in decayed["params"] + rest["params"])  # each in one group
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_score_all_matches_pairwise_scores_and_new_users_score_from_content(name):
     users, items = sides()

@@ -48,6 +48,9 @@ class BiasedMF(Recommender):
             nn.init.zeros_(table.weight)
         self.mu = nn.Parameter(torch.tensor(float(config.global_mean)))
 
+    def id_embeddings(self) -> list[nn.Parameter]:
+        return [self.p.weight, self.q.weight]
+
     def score(self, user, item):
         u, i = user["ids"], item["ids"]
         return self.mu + self.b_u(u).squeeze(-1) + self.b_i(i).squeeze(-1) + (self.p(u) * self.q(i)).sum(-1)

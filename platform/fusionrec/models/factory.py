@@ -2,6 +2,10 @@
 
 Apart from nets.py because the baselines build on nets.Recommender: this module imports both,
 and neither imports it.
+
+Adding a model: its class (a Recommender: `score`, and `id_embeddings` if it has id tables that
+training should decay), one line here, and its name and description in config.MODELS (names the
+CLI lists without importing torch; tests/test_models.py holds the two lists equal).
 """
 
 from __future__ import annotations

@@ -89,6 +89,17 @@ class Recommender(nn.Module):
         """Where the model is: its content matrices are buffers, moved along by `.to()`."""
         return self.users.seen.device
 
+    def id_embeddings(self) -> list[nn.Parameter]:
+        """The id embedding tables: what training regularises with L2 (`id_l2`). None unless a model
+        has them; each model names its own (as nanoGPT's `configure_optimizers` splits what decays)."""
+        return []
+
+    def parameter_groups(self, id_l2: float) -> list[dict]:
+        """The optimiser's groups: the id embeddings with weight decay `id_l2`, every other parameter without."""
+        ids = {id(p) for p in self.id_embeddings()}
+        return [{"params": [p for p in self.parameters() if id(p) in ids], "weight_decay": id_l2},
+                {"params": [p for p in self.parameters() if id(p) not in ids], "weight_decay": 0.0}]
+
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return self.score(self.users.gather(users), self.items.gather(items))
 
@@ -233,6 +244,9 @@ class FusionNeuMF(Recommender):
 
         self.content_dropout = nn.Dropout(config.content_dropout)
         self._items_cache: tuple[torch.Tensor, ...] | None = None
+
+    def id_embeddings(self) -> list[nn.Parameter]:
+        return [self.user_tower.ids.weight, self.item_tower.ids.weight]
 
     def mark_seen(self, users: np.ndarray, items: np.ndarray) -> None:
         super().mark_seen(users, items)

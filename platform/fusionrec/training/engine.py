@@ -41,11 +41,9 @@ def batch_loss(model, users, items, ratings, objective: str, negatives: int,
     return torch.nn.functional.binary_cross_entropy_with_logits(scores, labels)
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, id_l2: float) -> torch.optim.Optimizer:
-    """Adam, with L2 (weight decay) on the id embedding tables only."""
-    ids = [p for name, p in model.named_parameters() if name.endswith(("ids.weight", "p.weight", "q.weight"))]
-    rest = [p for name, p in model.named_parameters() if not name.endswith(("ids.weight", "p.weight", "q.weight"))]
-    return torch.optim.Adam([{"params": ids, "weight_decay": id_l2}, {"params": rest, "weight_decay": 0.0}], lr=lr)
+def make_optimizer(model: Recommender, lr: float, id_l2: float) -> torch.optim.Optimizer:
+    """Adam, with L2 (weight decay) on the model's id embedding tables only (`Recommender.id_embeddings`)."""
+    return torch.optim.Adam(model.parameter_groups(id_l2), lr=lr)
 
 
 def negative_pool(data: LoopData, device: torch.device) -> int | torch.Tensor:

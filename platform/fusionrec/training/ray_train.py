@@ -35,9 +35,10 @@ def train_loop_per_worker(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     data: LoopData = ray.get(config["data"])
     device = ray.train.torch.get_device()  # the worker's GPU when the trainer reserved one (use_gpus)
-    model = ray.train.torch.prepare_model(new_model(data, cfg),  # moves it to `device`
+    recommender = new_model(data, cfg)
+    model = ray.train.torch.prepare_model(recommender,  # moves it to `device`, wrapped in DDP
                                           parallel_strategy_kwargs={"broadcast_buffers": False})
-    optimizer = make_optimizer(model, cfg.lr, cfg.id_l2)
+    optimizer = make_optimizer(recommender, cfg.lr, cfg.id_l2)  # the same parameters, named by the model
     resume = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # resuming after a failure: continue from the last finished epoch
