@@ -76,7 +76,8 @@ def test_the_optimiser_decays_exactly_the_id_embeddings_the_model_names(name):
     model = build_model(users, items, ModelConfig(model=name, embedding_dim=32, global_mean=3.5))
     decayed, rest = make_optimizer(model, lr=1e-3, id_l2=0.03).param_groups
     assert (decayed["weight_decay"], rest["weight_decay"]) == (0.03, 0.0)
-    assert {tuple(p.shape) for p in decayed["params"]} == ID_TABLES[name] and len(decayed["params"]) == len(ID_TABLES[name])
+    assert {tuple(p.shape) for p in decayed["params"]} == ID_TABLES[name]
+    assert len(decayed["params"]) == len(ID_TABLES[name])
     every = [id(p) for p in model.parameters()]
     assert sorted(every) == sorted(id(p) for p in decayed["params"] + rest["params"])  # each in one group
 
