@@ -114,6 +114,17 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def real_models_cache(tmp_path_factory) -> Path:
+    """The real offline encoders, prepared once a session (MiniLM located, DINOv2 converted from the ONNX)."""
+    from fusionrec.encoders.prepare import prepare
+
+    path = tmp_path_factory.mktemp("models")
+    first = prepare(path)
+    assert first.converted and first.max_abs_diff < 1e-3
+    return path
+
+
 def _tiny_features(shop, tiny_models, folder):
     """Feature tables in the encode pipeline's format: random embeddings, with the tiny BERT / DINOv2
     recorded as their encoders (so serving encodes cold-start payloads with those)."""

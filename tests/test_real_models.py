@@ -17,12 +17,9 @@ pytestmark = pytest.mark.integration
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models")
-    first = prepare(path)
-    assert first.converted and first.max_abs_diff < 1e-3
-    return path
+@pytest.fixture
+def cache(real_models_cache):
+    return real_models_cache
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

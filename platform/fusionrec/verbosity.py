@@ -15,6 +15,8 @@ import contextlib
 import logging
 import os
 import re
+import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -24,8 +26,8 @@ VERBOSE = "FUSIONREC_VERBOSE"
 QUIET_ENVIRONMENT = {
     "RAY_LOGGER_LEVEL": "warning",  # "Started a local Ray instance." and other start-up notices
     # Not RAY_BACKEND_LOG_LEVEL: Ray's C++ logger announces on stderr, in every process, that it read
-    # it ("Set ray log level from environment variable ..."); at its default the core worker prints
-    # nothing on a train, tune, encode or serve run.
+    # it ("Set ray log level from environment variable ..."). At its default the core worker prints
+    # nothing on a train, tune or serve run, and on encode one notice (`without_actor_notices`).
     # "Task ServeController.graceful_shutdown failed ... will be retried", from our own core worker on
     # `serve.shutdown()`: Serve's controller answers that call by being killed, on purpose. The setting
     # only drops notices of tasks Ray retries; a task that finally fails still raises in its caller.
@@ -38,6 +40,11 @@ QUIET_ENVIRONMENT = {
 }
 # MLflow asks for type hints on our pyfunc wrapper (its input is a frame of ids: nothing to infer).
 QUIET_WARNINGS = (r".*Add type hints to the `predict` method",)
+# Ray's core worker (C++, straight to file descriptor 2) on every Ray Data actor it starts: Ray Data
+# passes its actors their context and transform by object reference, which Ray reports at error
+# level whenever the actor may restart (ray-project/ray#57733). Nothing a user can act on.
+ACTOR_NOTICE = re.compile(rb"\[[^\]]*\] core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in "
+                          rb"the object store and max_restarts > 0")
 
 
 def verbose() -> bool:
@@ -95,3 +102,42 @@ def without_mlflow_notices() -> Iterator[None]:
         yield
     finally:
         MLFLOW_LOGGING_STREAM.enabled = enabled
+
+
+@contextlib.contextmanager
+def without_actor_notices() -> Iterator[None]:
+    """Drop `ACTOR_NOTICE` lines from this process's stderr (file descriptor 2, where Ray's C++ logger
+    writes) for the block; everything else passes through at once, progress bars' carriage returns
+    included. Enter it once Ray is up: processes started inside the block would inherit the pipe."""
+    if verbose():
+        yield
+        return
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+
+    def forward() -> None:
+        pending = b""
+        while chunk := os.read(read, 65536):
+            *lines, pending = (pending + chunk).split(b"\n")
+            out = b"".join(line + b"\n" for line in lines if not ACTOR_NOTICE.search(line))
+            if pending and not pending.startswith(b"["):  # not a Ray log line: show it now (a bar's update)
+                out, pending = out + pending, b""
+            if out:
+                os.write(terminal, out)
+        if pending:
+            os.write(terminal, pending)
+
+    thread = threading.Thread(target=forward, name="stderr-filter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(terminal, 2)  # the pipe's last write end closes: the thread reads to the end and stops
+        thread.join(timeout=5)
+        if not thread.is_alive():  # else a process started in the block holds the pipe: the thread keeps both
+            os.close(terminal)
+            os.close(read)

@@ -56,6 +56,7 @@ from fusionrec.encoders.batch_inference import (
     prepare_images,
     prepare_texts,
 )
+from fusionrec.verbosity import without_actor_notices
 
 KINDS = ("text", "image")
 SIDES = ("users", "items")
@@ -363,7 +364,7 @@ def encode_dataset(dataset: Dataset, out: Path, cfg: EncodeConfig, on_plan: Call
     reports: list[TableReport] = []
     problems: list[Problem] = []
     # Each atomic_file renames its table on success and removes it on failure.
-    with _removed_if_new_on_failure(out), contextlib.ExitStack() as files:
+    with _removed_if_new_on_failure(out), contextlib.ExitStack() as files, without_actor_notices():
         written = []
         for kind, sides in contents.items():
             model, name, meta = models[kind]
