@@ -91,6 +91,7 @@ def home(tmp_path, monkeypatch):
 @pytest.mark.usefixtures("local_ray")
 def test_search_selects_on_validation_and_logs_children_under_one_parent(home, tiny_shop, features, tmp_path,
                                                                          monkeypatch):
+    import ray
     from mlflow import MlflowClient
     from ray import tune
 
@@ -140,6 +141,8 @@ def test_search_selects_on_validation_and_logs_children_under_one_parent(home, t
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
     assert all("val_loss" in c.data.metrics for c in children)
+    nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+    assert {c.data.tags.get("fusionrec.node_id") for c in children} <= nodes  # where each trial trained
     best_id = parent.data.tags["fusionrec.best_run_id"]
     best = min(children, key=lambda c: c.data.metrics["best_val_mse"])
     assert best.info.run_id == best_id  # the lowest validation MSE wins, whatever the test says

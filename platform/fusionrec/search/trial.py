@@ -77,7 +77,8 @@ def run_trial(config: dict, data: LoopData, base: dict, threads: int, mlflow_tar
     child run. In the confirmation round `confirming` maps each search trial it confirms to its
     sampled settings, and `config` is {"confirms": one of those trials, "seed": the seed to train on}:
     its child run is tagged fusionrec.confirms and fusionrec.training_seed (fusionrec.seed is the
-    split's)."""
+    split's). Every child run is tagged fusionrec.node_id: the Ray node it trained on."""
+    import ray
     from mlflow import MlflowClient
     from ray import tune
 
@@ -102,6 +103,8 @@ def run_trial(config: dict, data: LoopData, base: dict, threads: int, mlflow_tar
         run_id = run.info.run_id
         params = config_params(cfg, mlflow_target["dataset_name"])
         client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
+    # Where the trial runs (a resumed one may run elsewhere: the tag holds its last node).
+    client.set_tag(run_id, "fusionrec.node_id", ray.get_runtime_context().get_node_id())
 
     def report(metrics: dict, state: dict) -> None:
         log_epoch({"uri": mlflow_target["uri"], "run_id": run_id}, metrics)
