@@ -1,97 +1,95 @@
-"""Search efficiency: ASHA + Optuna TPE against random search without early stopping, at the same
-wall-clock budget, one after the other in this process on the same cluster and data.
+"""Search efficiency in trial-epochs: ASHA + Optuna TPE against random search without early
+stopping, over several search seeds, in this process on the same cluster.
 
-Prints, for each: trials started and finished, the best validation metric reached, the time to
-reach random search's final best (the ratio ASHA+TPE / random: below 1 means it got there
-sooner), and the CPU busy fraction during the search (sampled system-wide every second; the
-search should keep the cluster's CPUs busy: >= 0.8 on 2 CPUs).
+For each seed (the split's and the sampler's), the defaults trial runs alone first: its best
+validation metric is the target. Then each search runs without the defaults as its first point
+(`search(from_defaults=False)`), and the benchmark counts the trial-epochs (epochs trained, summed
+over the trials finished so far, in the order they finished) each needs to reach the defaults'
+score, and to beat it by 2 %. A search that never gets there within its trials reads `inf`.
+Trial-epochs, not seconds: they do not depend on how busy the machine is.
+
+The last line is JSON: per seed and search the budgets, and the ratio ASHA+TPE / random of the
+budget to reach the defaults (below 1: it needed fewer trial-epochs; issue 25's target is <= 0.5).
 
     .venv/bin/python benchmarks/tune.py SHOP --features FEATURES [--space tune/widths.yaml]
-        [--budget-s 600] [--epochs 15] [--trials 200]
+        [--trials 24] [--epochs 12] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
 
-import threading
-import time
+import json
+import math
 from pathlib import Path
 
 import numpy as np
-import psutil
 import typer
 
 from fusionrec.search.tune import search
+from fusionrec.verbosity import configure
+
+SEARCHES = {"asha+tpe": ("tpe", True), "random": ("random", False)}
+MARGIN = 0.02
 
 
-class CpuSampler:
-    """Mean system-wide CPU busy fraction over the `with` block."""
-
-    def __init__(self, every_s: float = 1.0):
-        self.every_s, self.samples, self.stopping = every_s, [], threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        psutil.cpu_percent(None)
-        while not self.stopping.wait(self.every_s):
-            self.samples.append(psutil.cpu_percent(None) / 100)
-
-    def __enter__(self) -> CpuSampler:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stopping.set()
-        self.thread.join()
-
-    @property
-    def busy(self) -> float:
-        return float(np.mean(self.samples)) if self.samples else float("nan")
-
-
-def best_over_time(board, metric: str, mode: str, started: float) -> list[tuple[float, float]]:
-    """(seconds since the start, best value so far) at each trial's end."""
+def budget_to_reach(board, metric: str, mode: str, target: float) -> float:
+    """Trial-epochs spent (trials in the order they finished) when the best so far first reaches `target`."""
     done = board.dropna(subset=[f"best_{metric}", "finished_at"]).sort_values("finished_at")
-    curve, best = [], None
-    for finished, value in zip(done["finished_at"], done[f"best_{metric}"], strict=True):
-        if best is None or (value < best if mode == "min" else value > best):
-            best = value
-        curve.append((finished - started, best))
-    return curve
-
-
-def time_to_reach(curve: list[tuple[float, float]], target: float, mode: str) -> float:
-    for seconds, value in curve:
+    spent = 0
+    for epochs, value in zip(done["epochs_run"], done[f"best_{metric}"], strict=True):
+        spent += int(epochs)
         if (value <= target if mode == "min" else value >= target):
-            return seconds
-    return float("inf")
+            return float(spent)
+    return math.inf
 
 
-def main(shop: str, features: str = typer.Option(...), space: str = "tune/widths.yaml", budget_s: float = 600,
-         epochs: int = 15, trials: int = 200, seed: int = 0) -> None:
-    runs = {}
-    for name, search_alg, early_stopping in (("asha+tpe", "tpe", True), ("random", "random", False)):
-        started = time.time()
-        with CpuSampler() as cpu:
-            result = search(shop, features, Path(space), trials=trials, epochs=epochs, seed=seed,
-                            search_alg=search_alg, early_stopping=early_stopping, time_budget_s=budget_s,
-                            progress=False, confirm_seeds=0)  # the searches' own best, on one seed each
-        metric = result.selection[0]
+def finite(value):
+    """JSON has no infinity: a budget never reached (and a ratio of such) is null."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def main(shop: str, features: str = typer.Option(...), space: str = "tune/widths.yaml", trials: int = 24,
+         epochs: int = 12, seeds: str = "0,1,2") -> None:
+    configure(verbose_output=False)  # as the CLI: only the lines below
+    rows = {}
+    for seed in [int(s) for s in seeds.split(",")]:
+        common = {"epochs": epochs, "seed": seed, "progress": False, "confirm_seeds": 0}
+        defaults = search(shop, features, Path(space), trials=1, search_alg="random", early_stopping=False, **common)
+        metric, value = defaults.selection
         mode = "min" if metric == "val_mse" else "max"
-        runs[name] = {"result": result, "cpu": cpu.busy, "mode": mode, "metric": metric,
-                      "curve": best_over_time(result.leaderboard, metric, mode, started)}
-        print(f"{name}: {len(result.leaderboard)} trials, {int(result.leaderboard['stopped_early'].sum())} stopped "
-              f"early, best {metric} {result.selection[1]:.4f}, CPU busy {cpu.busy:.2f}", flush=True)
-    target = runs["random"]["curve"][-1][1]
-    mode = runs["random"]["mode"]
-    times = {name: time_to_reach(run["curve"], target, mode) for name, run in runs.items()}
-    print(f"\nbudget {budget_s:.0f} s each, {epochs} epochs max, space {space}")
-    print(f"| search | trials | best {runs['random']['metric']} | s to reach random's best ({target:.4f}) "
-          "| CPU busy |")
-    print("|---|---|---|---|---|")
-    for name, run in runs.items():
-        print(f"| {name} | {len(run['result'].leaderboard)} | {run['result'].selection[1]:.4f} | "
-              f"{times[name]:.0f} | {run['cpu']:.2f} |")
-    print(f"time ratio asha+tpe / random to reach random's final best: {times['asha+tpe'] / times['random']:.2f}")
+        targets = {"defaults": value, "2% better": value * (1 - MARGIN if mode == "min" else 1 + MARGIN)}
+        rows[seed] = {"defaults": value}
+        for name, (search_alg, early_stopping) in SEARCHES.items():
+            result = search(shop, features, Path(space), trials=trials, search_alg=search_alg,
+                            early_stopping=early_stopping, from_defaults=False, **common)
+            board = result.leaderboard
+            budgets = {what: budget_to_reach(board, metric, mode, target) for what, target in targets.items()}
+            rows[seed][name] = {"best": result.selection[1], "trial_epochs": int(board["epochs_run"].sum()), **budgets}
+            print(f"seed {seed} {name}: best {metric} {result.selection[1]:.4f} (defaults {value:.4f}), "
+                  f"{rows[seed][name]['trial_epochs']} trial-epochs, to reach the defaults "
+                  f"{rows[seed][name]['defaults']}, to beat them by 2 % {rows[seed][name]['2% better']}", flush=True)
+        budgets = rows[seed]["asha+tpe"]["defaults"], rows[seed]["random"]["defaults"]
+        # Neither reached the defaults: no ratio (nan, left out of the mean); only random did: inf.
+        rows[seed]["ratio"] = math.nan if math.isinf(budgets[1]) else budgets[0] / budgets[1]
+
+    print(f"\n{trials} trials of up to {epochs} epochs per search, space {space}; budgets in trial-epochs")
+    print(f"| seed | defaults' {metric} | search | best | trial-epochs spent | to reach the defaults "
+          "| to beat them by 2 % |")
+    print("|---|---|---|---|---|---|---|")
+    for seed, row in rows.items():
+        for name in SEARCHES:
+            r = row[name]
+            print(f"| {seed} | {row['defaults']:.4f} | {name} | {r['best']:.4f} | {r['trial_epochs']} | "
+                  f"{r['defaults']:g} | {r['2% better']:g} |")
+    ratios = [row["ratio"] for row in rows.values()]
+    measured = [r for r in ratios if not math.isnan(r)] or [math.nan]
+    print(f"ratio ASHA+TPE / random, trial-epochs to reach the defaults, per seed: "
+          f"{', '.join(f'{r:.2f}' for r in ratios)} (nan: neither reached them); "
+          f"mean {np.mean(measured):.2f}, worst {max(measured):.2f}")
+    print(json.dumps(finite({"metric": metric, "trials": trials, "epochs": epochs, "space": space,
+                             "seeds": {str(k): v for k, v in rows.items()}, "mean_ratio": float(np.mean(measured)),
+                             "worst_ratio": float(max(measured))})))
 
 
 if __name__ == "__main__":

@@ -77,12 +77,14 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
            max_concurrent: int | None = None, cpus_per_trial: float = 1, seed: int = 0, split: str = "random",
            objective: str | None = None, search_alg: str = "tpe", early_stopping: bool = True,
            register: bool = False, resume: bool = False, progress: bool = True,
-           time_budget_s: float | None = None, confirm_seeds: int = 2) -> SearchResult:
+           time_budget_s: float | None = None, confirm_seeds: int = 2, from_defaults: bool = True) -> SearchResult:
     """The whole `fusionrec tune` (see the module docstring). Interrupted (Ctrl-C): raises
     KeyboardInterrupt after Tune saved its state; `resume=True` continues that search (and redoes a
     confirmation round that was interrupted). `time_budget_s`: stop starting and running trials after
     that long (fewer trials may run; the confirmation round is not bounded by it). `confirm_seeds`:
-    the seeds the best trials train on again (0: select on the search's one seed)."""
+    the seeds the best trials train on again (0: select on the search's one seed). `from_defaults=False`
+    leaves the defaults out of the first trial: benchmarks/tune.py, measuring how soon each algorithm
+    finds on its own what the defaults give."""
     import mlflow
     import optuna
     from mlflow import MlflowClient
@@ -160,7 +162,7 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
         # Tune's own BasicVariantGenerator fails on a list-valued first point (MLP widths) in Ray 2.60.
         sampler = (optuna.samplers.TPESampler if search_alg == "tpe" else optuna.samplers.RandomSampler)(seed=seed)
         searcher = OptunaSearch(metric=selection.metric, mode=selection.mode, sampler=sampler,
-                                points_to_evaluate=[first])
+                                points_to_evaluate=[first] if from_defaults else None)
         # Every trial gets a quarter of the epochs before ASHA may stop it: after one epoch a small
         # learning rate looks worse than it ends.
         scheduler = (ASHAScheduler(metric=selection.metric, mode=selection.mode, max_t=epochs,
