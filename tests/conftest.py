@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -216,3 +219,67 @@ def kill_one_ranker() -> int:
     replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#Ranker#" in a["name"]]
     ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
     return len(replicas)
+
+
+def registered_epoch(storage: Path) -> int | None:
+    """The epoch of the latest checkpoint Ray Train's controller has on record under `storage` (a
+    RunConfig storage_path): the one a restart resumes from. The controller rewrites its checkpoint
+    manager's snapshot on registering each report, which it collects from the workers once per
+    health-check interval."""
+    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+        except (json.JSONDecodeError, KeyError):  # caught while being written
+            return None
+        return latest["metrics"]["epoch"] if latest else None
+    return None
+
+
+# A local cluster as a user runs it: `fusionrec cluster up|down`, `fusionrec job submit`, each in a
+# subprocess (this test session may have a local Ray of its own).
+FUSIONREC = [str(Path(sys.executable).parent / "fusionrec")]
+ROOT = Path(__file__).resolve().parents[1]  # `job submit` packages the working directory: the repository
+
+
+@pytest.fixture
+def cluster_env(tmp_path) -> dict[str, str]:
+    """A state folder of the test's own; no cluster or tracking server inherited from outside."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    return env | {"FUSIONREC_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def fusionrec(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*FUSIONREC, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def session_processes(pids: list[int]) -> list:
+    """The processes these pids are, and every process in the sessions they lead (a node's raylet,
+    workers, the tracking server's workers), as psutil objects: is_running() is false for a pid
+    reused since."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid in pids or os.getsid(p.pid) in pids:
+                found.append(p)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return found
+
+
+def assert_down_left_nothing(down: subprocess.CompletedProcess, env: dict, state: dict) -> None:
+    """`down`, the `fusionrec cluster down` of the cluster recorded as `state` (STATE/cluster.json, read
+    while it was up), stopped it: none of its processes, ports or Ray temp dir is left, and another
+    `down` says there is no cluster."""
+    assert down.returncode == 0 and down.stdout.startswith("cluster down:"), down.stdout + down.stderr
+    assert session_processes([p["pid"] for p in state["processes"]]) == []
+    ports = [state["address"].rsplit(":", 1)[1], state["dashboard_url"].rsplit(":", 1)[1],
+             state["tracking_uri"].rsplit(":", 1)[1]]
+    left = subprocess.run(["pgrep", "-f", "|".join(f"[:= ]{port}( |$)" for port in ports)], capture_output=True,
+                          text=True)
+    assert left.stdout.strip() == "", left.stdout
+    assert not Path(state["temp_dir"]).exists()
+    again = fusionrec(env, "cluster", "down")
+    assert again.returncode == 0 and again.stdout.strip() == "no cluster"
+    assert fusionrec(env, "cluster", "status").stdout.startswith("no cluster")

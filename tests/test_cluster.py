@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import session_processes
 from fusionrec.cli import app
 from fusionrec.ops.cluster import LocalCluster
 from fusionrec.ops.processes import spawn, stop_processes
@@ -52,21 +53,6 @@ def test_two_nodes_join_run_tasks_and_stop_cleanly():
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="at least one node"):
         LocalCluster(nodes=0)
-
-
-def session_processes(pids: list[int]) -> list:
-    """The processes these pids are, and every process in the sessions they lead (psutil objects: is_running()
-    is false for a pid reused since)."""
-    import psutil
-
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if p.pid in pids or os.getsid(p.pid) in pids:
-                found.append(p)
-        except (ProcessLookupError, PermissionError):
-            continue
-    return found
 
 
 @pytest.fixture

@@ -6,10 +6,8 @@ a subprocess (this test session may have a local Ray of its own)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,46 +15,19 @@ import pandas as pd
 import pytest
 import requests
 
+from conftest import FUSIONREC, ROOT, assert_down_left_nothing, fusionrec
+
 pytestmark = pytest.mark.integration
-
-FUSIONREC = [str(Path(sys.executable).parent / "fusionrec")]
-ROOT = Path(__file__).resolve().parents[1]  # `job submit` packages the working directory: the repository
-
-
-@pytest.fixture
-def cluster_env(tmp_path) -> dict[str, str]:
-    """A state folder of the test's own; no cluster or tracking server inherited from outside."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    return env | {"FUSIONREC_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-def fusionrec(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*FUSIONREC, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def sessions_alive(pids: list[int]) -> list[int]:
-    """Processes in the sessions the recorded processes lead (a node's raylet, workers, the server's workers)."""
-    import psutil
-
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if p.pid in pids or os.getsid(p.pid) in pids:
-                found.append(p.pid)
-        except (ProcessLookupError, PermissionError):
-            continue
-    return found
 
 
 def test_cluster_jobs_tracking_serve_and_down(cluster_env, tiny_shop, tiny_models, tmp_path, free_port):
     up = fusionrec(cluster_env, "cluster", "up", "--workers", "1", "--cpus-per-node", "1")
     state = json.loads((Path(cluster_env["FUSIONREC_HOME"]) / "cluster.json").read_text())
-    pids = [p["pid"] for p in state["processes"]]
     try:
         assert up.returncode == 0, up.stderr[-3000:]
         exports = dict(line.removeprefix("export ").split("=", 1) for line in up.stdout.splitlines())
         assert exports == {"RAY_ADDRESS": state["address"], "MLFLOW_TRACKING_URI": state["tracking_uri"]}
-        assert state["tracking_uri"].startswith("http://127.0.0.1:") and len(pids) == 3
+        assert state["tracking_uri"].startswith("http://127.0.0.1:") and len(state["processes"]) == 3
 
         # Both jobs at once (2 CPUs: an encoder actor and a training worker); train does not need the features.
         features = tmp_path / "features"
@@ -121,14 +92,4 @@ def test_cluster_jobs_tracking_serve_and_down(cluster_env, tiny_shop, tiny_model
             served.communicate(timeout=120)
     finally:
         down = fusionrec(cluster_env, "cluster", "down")
-    assert down.returncode == 0 and down.stdout.startswith("cluster down:"), down.stdout + down.stderr
-    assert sessions_alive(pids) == []
-    ports = [state["address"].rsplit(":", 1)[1], state["dashboard_url"].rsplit(":", 1)[1],
-             state["tracking_uri"].rsplit(":", 1)[1]]
-    left = subprocess.run(["pgrep", "-f", "|".join(f"[:= ]{port}( |$)" for port in ports)], capture_output=True,
-                          text=True)
-    assert left.stdout.strip() == "", left.stdout
-    assert not Path(state["temp_dir"]).exists()
-    again = fusionrec(cluster_env, "cluster", "down")
-    assert again.returncode == 0 and again.stdout.strip() == "no cluster"
-    assert fusionrec(cluster_env, "cluster", "status").stdout.startswith("no cluster")
+    assert_down_left_nothing(down, cluster_env, state)

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from conftest import registered_epoch
 from fusionrec.cli import app
 from fusionrec.models.config import ModelConfig
 from fusionrec.training.command import train
@@ -100,19 +101,6 @@ def test_train_logs_to_mlflow_registers_and_evaluates(home, tiny_shop, features,
     assert scores.shape == (2,) and ((scores >= 1) & (scores <= 5)).all()
 
 
-def _registered_epoch(storage: Path) -> int | None:
-    """The epoch of the latest checkpoint Ray Train's controller has on record: the one a restart
-    resumes from. The controller rewrites its checkpoint manager's snapshot on registering each
-    report, which it collects from the workers once per health-check interval."""
-    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
-        try:
-            latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
-        except (json.JSONDecodeError, KeyError):  # caught while being written
-            return None
-        return latest["metrics"]["epoch"] if latest else None
-    return None
-
-
 def _training_worker_pid() -> int | None:
     """The process of the one live Ray Train worker. (`ray.util.state.list_actors` asks the
     dashboard, which the test cluster runs without; this reads the same actor table from the GCS.)"""
@@ -142,7 +130,7 @@ class WorkerKillingTracker(ThreadingHTTPServer):
     def kill_worker(self) -> None:
         deadline = time.monotonic() + 120
         # Epoch `epoch` cannot be reported while its logging is held: this waits for the one before.
-        while _registered_epoch(self.storage) != self.epoch - 1 or (pid := _training_worker_pid()) is None:
+        while registered_epoch(self.storage) != self.epoch - 1 or (pid := _training_worker_pid()) is None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"epoch {self.epoch - 1}'s checkpoint not on record after 120 s")
             time.sleep(0.02)
