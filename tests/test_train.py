@@ -247,19 +247,23 @@ def test_stratified_implicit_run_evaluates_under_the_full_protocol(home, tiny_sh
     assert 0 <= out["map_all@10"] <= out["map@10"] <= 1 and out["users"] > 0
 
 
-def test_epoch_progress_follows_the_logged_epochs(home):
+def test_epoch_progress_follows_the_logged_epochs(home, capsys):
     import mlflow
 
     from fusionrec import registry
-    from fusionrec.training.tracking import EpochProgress
+    from fusionrec.training.tracking import EpochProgress, log_resume
 
     registry.setup()
     with mlflow.start_run() as run:
         with EpochProgress(run.info.run_id, epochs=5, every_s=0.05) as progress:
             for epoch, loss in enumerate([0.9, 0.8, 0.85]):
                 mlflow.log_metric("val_loss", loss, step=epoch)
-            mlflow.log_metric("val_loss", 0.7, step=1)  # a resumed run logs epoch 1 again
+            log_resume({"uri": registry.tracking_uri(), "run_id": run.info.run_id}, 0)  # a worker failed
+            mlflow.log_metric("val_loss", 0.7, step=1)  # the resumed run logs epoch 1 again
+            time.sleep(0.2)  # seen while running, told once
     assert progress.bar.n == 3 and not progress.thread.is_alive()
+    told = capsys.readouterr().err.splitlines()
+    assert told.count("training resumed from the checkpoint of epoch 0 after a worker failed") == 1, told
 
 
 def test_a_split_without_validation_is_refused_never_replaced_by_test(tmp_path):

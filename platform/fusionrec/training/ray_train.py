@@ -17,7 +17,7 @@ from fusionrec.models.nets import Recommender
 from fusionrec.training.config import TrainConfig
 from fusionrec.training.data import LoopData, Prepared, loop_data
 from fusionrec.training.engine import fit_in_one_pass, load_state, make_optimizer, new_model, run_epochs
-from fusionrec.training.tracking import log_epoch
+from fusionrec.training.tracking import log_epoch, log_resume
 
 READ_BATCH = 4096  # rows fetched from Ray Data at a time
 
@@ -44,6 +44,8 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint:  # resuming after a failure: continue from the last finished epoch
         with checkpoint.as_directory() as folder:
             resume = load_state(Path(folder) / "state.pt")
+        if rank == 0:
+            log_resume(config["mlflow"], resume["epoch"])
     shard = ray.train.get_dataset_shard("train")
 
     def batches(epoch: int):

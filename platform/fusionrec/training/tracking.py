@@ -5,6 +5,7 @@ metrics and the logged model bundle. MLflow itself is imported where it is used.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import threading
 from dataclasses import asdict
@@ -22,7 +23,10 @@ if TYPE_CHECKING:
 
 def log_epoch(mlflow_target: dict | None, metrics: dict) -> None:
     """One epoch's metrics as MLflow history. The selection metric goes in as `epoch_<name>`: the
-    plain name holds the best epoch's value, logged once at the end (what the registry compares)."""
+    plain name holds the best epoch's value, logged once at the end (what the registry compares).
+    An epoch logged but not yet checkpointed when a worker failed is run again after the restart
+    and logged again at the same step: MLflow's history keeps both, and the later one (the epoch
+    the model went on from) is the one that counts, as MLflow's latest value and in the loss curve."""
     if not mlflow_target:
         return
     from mlflow import MlflowClient
@@ -36,15 +40,29 @@ def log_epoch(mlflow_target: dict | None, metrics: dict) -> None:
         client.log_metric(mlflow_target["run_id"], logged_as, metrics[name], step=metrics["epoch"])
 
 
+RESUMED = "resumed_from_epoch"  # a metric: one point each time training resumed from a checkpoint
+
+
+def log_resume(mlflow_target: dict | None, epoch: int) -> None:
+    """Training resumed from the checkpoint of `epoch` (Ray Train restarted the workers after one
+    failed): recorded in the run, where the driver (EpochProgress) sees it and says so."""
+    if mlflow_target:
+        from mlflow import MlflowClient
+
+        MlflowClient(mlflow_target["uri"]).log_metric(mlflow_target["run_id"], RESUMED, epoch, step=epoch)
+
+
 class EpochProgress:
     """A progress bar over epochs in this process, fed by the per-epoch metrics that the rank-0
     worker logs to MLflow (worker output is not forwarded here). A run resumed after a failure
-    logs some epochs again: the bar stays at the furthest epoch logged."""
+    logs some epochs again: the bar stays at the furthest epoch logged, and a line says which
+    checkpoint it resumed from (`log_resume`), once for each resumption."""
 
     def __init__(self, run_id: str, epochs: int, every_s: float = 1.0):
         from tqdm import tqdm
 
         self.run_id, self.every_s = run_id, every_s
+        self.resumes_told = 0
         self.bar = tqdm(total=epochs, desc="training", unit="epoch", disable=None)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._follow, name="fusionrec-epoch-progress", daemon=True)
@@ -52,7 +70,13 @@ class EpochProgress:
     def _update(self) -> None:
         from mlflow import MlflowClient
 
-        history = MlflowClient().get_metric_history(self.run_id, "val_loss")
+        client = MlflowClient()
+        resumes = sorted(client.get_metric_history(self.run_id, RESUMED), key=lambda m: m.timestamp)
+        for resume in resumes[self.resumes_told:]:
+            self.bar.write(f"training resumed from the checkpoint of epoch {int(resume.value)} after a worker "
+                           "failed", file=sys.stderr)
+        self.resumes_told = len(resumes)
+        history = client.get_metric_history(self.run_id, "val_loss")
         if history:
             last = max(history, key=lambda m: (m.step, m.timestamp))
             self.bar.n = last.step + 1
@@ -74,12 +98,16 @@ class EpochProgress:
 
 
 def log_loss_curve(run_id: str) -> None:
-    """The run's train and validation loss per epoch, as the artifact loss_curve.png of the active run."""
+    """The run's train and validation loss per epoch, as the artifact loss_curve.png of the active run
+    (an epoch run again after a worker failed: its later value)."""
     import mlflow
     from mlflow import MlflowClient
 
-    history = {name: [(m.step, m.value) for m in MlflowClient().get_metric_history(run_id, name)]
-               for name in ("train_loss", "val_loss")}
+    history = {}
+    for name in ("train_loss", "val_loss"):
+        latest = {m.step: m.value for m in sorted(MlflowClient().get_metric_history(run_id, name),
+                                                  key=lambda m: m.timestamp)}
+        history[name] = sorted(latest.items())
     with tempfile.TemporaryDirectory() as folder:
         loss_curve_png(history, Path(folder) / "loss_curve.png")
         mlflow.log_artifact(str(Path(folder) / "loss_curve.png"))
