@@ -330,6 +330,65 @@ def test_ablate_writes_the_table_with_eight_rows(home, tiny_shop, features, tmp_
     assert "| FusionNeuMF (full) |" in (out / "ablation.md").read_text()
 
 
+def test_rows_that_cannot_apply_are_not_applicable_with_the_reason():
+    from types import SimpleNamespace
+
+    from fusionrec.data.schema import TableSpec
+    from fusionrec.search.ablate import ROWS, not_applicable
+
+    movielens = SimpleNamespace(users=TableSpec("user_id", categorical=("gender",), numeric=("age",)),
+                                items=TableSpec("item_id", text="title"))
+    assert {row: not_applicable(row, movielens) for row in ROWS if not_applicable(row, movielens)} == {
+        "no_image": "n/a: no images", "cnn": "n/a: no images (it reads raw pixels)"}
+    ids_only = SimpleNamespace(users=TableSpec("user_id"), items=TableSpec("item_id"))
+    assert [row for row in ROWS if not_applicable(row, ids_only)] == ["no_image", "no_text", "no_structured", "cnn",
+                                                                        "dnn"]
+    shop = SimpleNamespace(users=TableSpec("user_id", text="bio", image="photo", categorical=("region",)),
+                           items=TableSpec("item_id", text="text", image="image"))
+    assert not any(not_applicable(row, shop) for row in ROWS)
+
+
+@pytest.mark.integration
+def test_ctrl_c_leaves_an_ablation_that_resume_finishes_without_redoing_finished_fits(tiny_shop, features, tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    env = {**os.environ, "FUSIONREC_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    fusionrec = str(Path(sys.executable).parent / "fusionrec")
+    out = tmp_path / "reports"
+    command = [fusionrec, "ablate", str(tiny_shop), "--features", str(features), "--rows", "full,svd", "--folds", "3",
+               "--epochs", "2", "--no-cold-start", "--cpus-per-trial", "2", "--out", str(out)]  # one fit at a time
+    ablation = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    for line in ablation.stderr:  # interrupt once the first fit has finished
+        if "test MSE" in line or time.monotonic() > deadline:
+            break
+    ablation.send_signal(signal.SIGINT)
+    _, err = ablation.communicate(timeout=300)
+    assert ablation.returncode == 1 and "continue it with --resume" in err and "Traceback" not in err, err[-2000:]
+
+    def finished() -> dict[str, float]:  # fit -> when it reported its test metrics
+        return {path.parent.name: json.loads(path.read_text().splitlines()[0])["timestamp"]
+                for path in (tmp_path / "home" / "ablate").glob("ablate-*/*/result.json") if path.read_text().strip()}
+
+    before = finished()
+    assert 1 <= len(before) < 6
+    # --resume takes the recorded settings: the rows and folds given here are not used
+    resumed = subprocess.run([fusionrec, "ablate", str(tiny_shop), "--rows", "full", "--folds", "2", "--resume",
+                              "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    after = finished()
+    assert len(after) == 6 and all(after[fit] == when for fit, when in before.items())  # not run again
+    table = pd.read_csv(out / "ablation.csv")
+    assert table["model"].tolist() == ["full", "svd"] and table["mse"].notna().all()
+
+
 @pytest.mark.integration
 def test_ctrl_c_leaves_a_search_that_resume_finishes(tiny_shop, features, tmp_path):
     import os

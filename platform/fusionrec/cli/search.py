@@ -91,6 +91,8 @@ def ablate(
     = True,
     cpus_per_trial: Annotated[float, typer.Option(help="CPUs each fit holds.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed for the folds and the fits.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the latest interrupted ablation of this dataset, with its "
+                                              "own settings; finished fits are kept.")] = False,
 ) -> None:
     """The paper's Table 1: every model and ablation x K folds as Ray Tune trials, mean ± std."""
     from fusionrec.search.ablate import ablate as run_ablation
@@ -98,7 +100,7 @@ def ablate(
     try:
         result = run_ablation(str(dataset), str(features) if features else None, folds=folds, epochs=epochs, out=out,
                               rows=[r.strip() for r in rows.split(",") if r.strip()], seed=seed,
-                              cold_start=cold_start, cpus_per_trial=cpus_per_trial)
+                              cold_start=cold_start, cpus_per_trial=cpus_per_trial, resume=resume)
     except KeyboardInterrupt as interrupted:
         fail(str(interrupted) or "ablation interrupted")
     typer.echo(result.files[0].read_text().rstrip())

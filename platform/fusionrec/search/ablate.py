@@ -10,6 +10,7 @@ items held out), one per fold seed. Writes ablation.md / .csv / .png and logs th
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,26 @@ ROWS = {
     "dnn": ("DNN-based", "dnn", "full"),
 }
 VALIDATION = 0.125  # of each fold's training part: 70/10/20 with 5 folds, as `--split random`
-IMAGE_ROWS = {"no_image"}  # rows that mean nothing without images
+RECORD = "fusionrec-ablation.json"  # an ablation's settings, in its Tune folder: what --resume reruns
+
+
+def not_applicable(row: str, spec) -> str | None:
+    """Why `row` cannot apply to a dataset of `spec` (a DatasetSpec), or None: a row that removes a
+    modality the data does not have, or a baseline that reads only what is missing, would train on
+    blank inputs and pass for a result."""
+    sides = (spec.users, spec.items)
+    images = any(s.image for s in sides)
+    text = any(s.text for s in sides)
+    structured = any(s.categorical or s.numeric for s in sides)
+    if row in ("no_image", "cnn") and not images:
+        return "n/a: no images" + (" (it reads raw pixels)" if row == "cnn" else "")
+    if row == "no_text" and not text:
+        return "n/a: no text"
+    if row == "no_structured" and not structured:
+        return "n/a: no structured attributes"
+    if row == "dnn" and not (text or structured):
+        return "n/a: no text or structured attributes (it reads nothing else)"
+    return None
 
 
 @dataclass
@@ -124,16 +144,37 @@ def plot(table: pd.DataFrame, k: int, path: Path, skipped: dict[str, str]) -> No
     plt.close(fig)
 
 
+def _settings(dataset: str, resume: bool, given: dict) -> tuple[Path | None, dict]:
+    """(the Tune folder to resume, or None; the ablation's settings): `given`, or on --resume the
+    recorded settings of the latest ablation of `dataset` that did not finish."""
+    if not resume:
+        return None, given
+    dataset = str(Path(dataset).resolve())
+    for folder in sorted((state_folder() / "ablate").glob("ablate-*"), reverse=True):
+        record = folder / RECORD
+        if record.is_file() and (settings := json.loads(record.read_text()))["dataset"] == dataset:
+            return folder, settings
+    raise ValueError(f"no earlier ablation of {dataset} under {state_folder() / 'ablate'} to resume")
+
+
 def ablate(dataset: str, features: str | None, folds: int = 5, epochs: int = 10, out: Path = Path("reports"),
            rows: list[str] | None = None, seed: int = 0, cold_start: bool = True, cpus_per_trial: float = 1,
-           max_concurrent: int | None = None, progress: bool = True) -> AblationResult:
+           max_concurrent: int | None = None, progress: bool = True, resume: bool = False) -> AblationResult:
+    """The whole `fusionrec ablate` (see the module docstring). Interrupted (Ctrl-C): raises
+    KeyboardInterrupt after Tune saved its state; `resume=True` continues the latest ablation of
+    `dataset` with its recorded settings (the others given here are not used), and the fits that
+    finished are not run again."""
     import mlflow
     from ray import tune
 
     from fusionrec import registry
     from fusionrec.ops.ray_runtime import concurrent_trials, ensure_ray, trial_resources
 
-    rows = rows or list(ROWS)
+    folder, settings = _settings(dataset, resume, {
+        "dataset": str(Path(dataset).resolve()), "features": str(Path(features).resolve()) if features else None,
+        "folds": folds, "epochs": epochs, "rows": rows or list(ROWS), "seed": seed, "cold_start": cold_start})
+    dataset, features, folds, epochs, rows, seed, cold_start = (settings[k] for k in (
+        "dataset", "features", "folds", "epochs", "rows", "seed", "cold_start"))
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise ValueError(f"unknown row {unknown[0]!r}: choose from {', '.join(ROWS)}")
@@ -146,8 +187,7 @@ def ablate(dataset: str, features: str | None, folds: int = 5, epochs: int = 10,
     if (spec.users.text or spec.items.text or spec.users.image or spec.items.image) and not features:
         raise ValueError(f"{dataset} has text or images: pass --features (from `fusionrec encode`) so the "
                          "multimodal rows see them")
-    has_images = bool(spec.users.image or spec.items.image)
-    skipped = {r: "n/a: no images" for r in rows if r in IMAGE_ROWS and not has_images}
+    skipped = {r: why for r in rows if (why := not_applicable(r, spec))}
     trained_rows = [r for r in rows if r not in skipped]
     ratings = prepared.ratings
     splits = {f"folds-{f}": s for f, s in enumerate(kfold(len(ratings), folds, seed, validation=VALIDATION))}
@@ -173,14 +213,21 @@ def ablate(dataset: str, features: str | None, folds: int = 5, epochs: int = 10,
         tune.with_parameters(run_fit, users=prepared.users, items=prepared.items, ratings=ratings, splits=splits,
                              base=base, threads=max(1, int(cpus_per_trial)), scoring=scoring),
         trial_resources(cpus_per_trial))
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"row": tune.grid_search(trained_rows), "part": tune.grid_search(parts),
-                     "fold": tune.grid_search(list(range(folds)))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True),
-        run_config=tune.RunConfig(name=f"ablate-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                  storage_path=str(state_folder() / "ablate"), verbose=0,
-                                  callbacks=[callback] if callback else None))
+    if folder:
+        if not tune.Tuner.can_restore(str(folder)):
+            raise ValueError(f"{folder}: no Tune state to resume from")
+        tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        folder = state_folder() / "ablate" / f"ablate-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"row": tune.grid_search(trained_rows), "part": tune.grid_search(parts),
+                         "fold": tune.grid_search(list(range(folds)))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True),
+            run_config=tune.RunConfig(name=folder.name, storage_path=str(folder.parent), verbose=0,
+                                      callbacks=[callback] if callback else None))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / RECORD).write_text(json.dumps(settings))
     try:
         grid = tuner.fit()
     finally:
@@ -191,7 +238,8 @@ def ablate(dataset: str, features: str | None, folds: int = 5, epochs: int = 10,
         raise RuntimeError(f"{len(failed)} of {total} fits failed, e.g. {failed[0].config}: "
                            f"{str(failed[0].error).splitlines()[0]}")
     if len(grid) < total or grid.num_terminated < total:
-        raise KeyboardInterrupt(f"ablation interrupted after {grid.num_terminated} of {total} fits")
+        raise KeyboardInterrupt(f"ablation interrupted after {grid.num_terminated} of {total} fits; "
+                                f"continue it with --resume ({folder})")
     runs = pd.DataFrame([{**r.config, **r.metrics} for r in grid])
     runs = runs[["row", "part", "fold", *[c for c in _metric_columns(5)[:-1] if c in runs]]]
     table = summarise(runs, rows, 5)
