@@ -305,6 +305,22 @@ def test_codebooks_are_shared_soft_assignments_that_start_as_matches():
         ModelConfig(codebooks=2, codebook_size=1).check()
 
 
+
+@pytest.mark.parametrize("variant, books, without_user_images", [("full", 6, 3), ("no_text", 3, 0), ("id_only", 0, 0)])
+def test_the_first_prediction_sits_at_the_training_mean(variant, books, without_user_images):
+    # The codes' match weights start at 1, so near-uniform softmaxes add about 1 / size a book that
+    # both sides have (6 books of 4 codes: 1.5 stars); the output bias starts that much lower.
+    users, items = sides(n_users=40, n_items=30)
+    config = ModelConfig(variant=variant, codebooks=3, codebook_size=4, global_mean=3.5)
+    model = build_model(users, items, config).eval()
+    assert model.expected_match() == books / 4
+    with torch.no_grad():
+        first = model(torch.arange(40).repeat_interleave(30), torch.arange(30).repeat(40))
+    assert abs(float(first.mean()) - 3.5) < 0.25  # the MLP branch's random start adds a little
+    # a side without a modality has all-zero codes there: nothing to centre for that modality
+    users.image = np.zeros((users.n + 1, 0), np.float32)
+    assert build_model(users, items, config).expected_match() == without_user_images / 4
+
 def with_sentence_sets(side, size=3, seed=1):
     """`side` with its texts as sets of `size` 8-d sentence vectors: row k keeps 1 + k % size of
     them (the rest zero padding); the unknown row stays all zeros."""
