@@ -1,7 +1,8 @@
 """`fusionrec cluster up` -> `fusionrec job submit` encode and train, then tune (its trials on both
-nodes) -> the cluster's tracking server holds the runs and the registered version -> `fusionrec serve` on the cluster answers -> `fusionrec
-cluster down` leaves none of its processes behind. Every step is the command a user types, run in
-a subprocess (this test session may have a local Ray of its own)."""
+nodes) -> the cluster's tracking server holds the runs and the registered version -> `fusionrec
+serve` on the cluster answers -> `fusionrec cluster down` leaves none of its processes behind.
+Every step is the command a user types, run in a subprocess (this test session may have a local Ray
+of its own)."""
 
 from __future__ import annotations
 
@@ -43,10 +44,12 @@ def test_cluster_jobs_tracking_serve_and_down(cluster_env, tiny_shop, tiny_model
         assert train.returncode == 0 and "SUCCEEDED" in train.stderr, (train.stdout + train.stderr)[-3000:]
         assert '{"mse": ' in train.stdout  # the job's own output, streamed
 
-        # A search's trials spread over the nodes: two trials at once, one CPU each, one per node.
+        # A search's trials spread over the nodes: two at once, one CPU each, so one per node. (Trials
+        # of 40 epochs, some seconds: Tune reuses a finished trial's actor, on its node, for the next
+        # trial, so trials shorter than a new actor's start on the other node would all run on one.)
         tuned = fusionrec(cluster_env, "job", "submit", "tune", "--", str(tiny_shop), "--features", str(features),
-                          "--space", "tune/widths.yaml", "--trials", "2", "--epochs", "1", "--confirm-seeds", "0",
-                          timeout=400)
+                          "--space", "tune/widths.yaml", "--trials", "4", "--epochs", "40", "--no-early-stopping",
+                          "--confirm-seeds", "0", timeout=400)
         assert tuned.returncode == 0 and "SUCCEEDED" in tuned.stderr, (tuned.stdout + tuned.stderr)[-3000:]
 
         # Any cluster by RAY_ADDRESS: the job API at the dashboard's address
@@ -59,7 +62,8 @@ def test_cluster_jobs_tracking_serve_and_down(cluster_env, tiny_shop, tiny_model
         search = client.search_runs([client.get_experiment_by_name("fusionrec").experiment_id],
                                     "tags.mlflow.runName = 'tune widths'")[0]
         trials = client.search_runs([search.info.experiment_id], f"tags.mlflow.parentRunId = '{search.info.run_id}'")
-        assert len(trials) == 2 and len({t.data.tags["fusionrec.node_id"] for t in trials}) == 2
+        assert len(trials) == 4 and len({t.data.tags["fusionrec.node_id"] for t in trials}) == 2, [
+            (t.info.start_time, t.data.tags["fusionrec.node_id"][:8]) for t in trials]
         champion = client.get_model_version_by_alias("fusionrec", "champion")
         run = client.get_run(champion.run_id)
         assert run.info.status == "FINISHED" and "val_mse" in run.data.metrics
