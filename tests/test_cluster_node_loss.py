@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from conftest import FUSIONREC, ROOT, assert_down_left_nothing, fusionrec, registered_epoch, session_processes
-from fusionrec.cluster import alive_nodes
+from fusionrec.ops.cluster import alive_nodes
 
 pytestmark = pytest.mark.integration
 
