@@ -324,7 +324,8 @@ def test_ablate_writes_the_table_with_eight_rows(home, tiny_shop, features, tmp_
     # No order between the rows is asserted: at this size (random 8-d features, one epoch) the one
     # order that held on seeds 0-2, full before no_structured, held as well with the shop's structured
     # columns shuffled, so it comes from the model's shape, not the shop's truth; at 5 epochs it
-    # reversed on two seeds of three (issue 23, item 5).
+    # reversed on two seeds of three. The planted order is tested where the features are real:
+    # test_behaviour.py (full < no text, full < NeuMF, on MiniLM embeddings of a planted shop).
     assert table["cold_start_mse"].notna().all()
     assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     assert "| FusionNeuMF (full) |" in (out / "ablation.md").read_text()
