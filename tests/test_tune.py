@@ -187,14 +187,17 @@ def test_the_defaults_are_the_first_trial_so_a_hopeless_space_crowns_them(home, 
     from fusionrec.search.tune import search
     from fusionrec.training.config import TrainConfig, load_config
 
-    # The space must contain the default learning rate (0.005, its top end), but what TPE samples
-    # from it is hopeless: every sampled rate is far below it (checked below; the search is seeded).
-    space = write_space(tmp_path, {"search": {"lr": {"loguniform": [1e-7, 0.005]}}}, "lr.yaml")
+    # The space must contain the default learning rate (0.005, its bottom end), but what the search
+    # samples from it is hopeless: every sampled rate is far above it, and Adam diverges (checked
+    # below; the search is seeded). Random search: TPE, by design, samples near the best trial so far,
+    # the defaults. (Not rates far below it: with the codebooks' start at the training mean, a model
+    # that barely moves from its start can validate well on this tiny shop.)
+    space = write_space(tmp_path, {"search": {"lr": {"loguniform": [0.005, 5.0]}}}, "lr.yaml")
     result = search(str(tiny_shop), str(features), space, trials=4, epochs=3, max_concurrent=1, seed=0,
-                    progress=False, confirm_seeds=0)
+                    search_alg="random", progress=False, confirm_seeds=0)
     board = result.leaderboard
     assert len(board) == 4 and board["defaults"].sum() == 1  # the first trial is one of --trials
-    assert (board.loc[~board["defaults"], "lr"].astype(float) < 0.001).all()
+    assert (board.loc[~board["defaults"], "lr"].astype(float) > 0.1).all(), board[["lr", "best_val_mse"]]
     assert board.loc[0, "defaults"] and board.loc[0, "lr"] == "0.005"  # crowned
     defaults = TrainConfig(dataset=str(tiny_shop), features=str(features), epochs=3).to_dict()
     assert TrainConfig.from_dict(result.best).to_dict() == defaults
