@@ -23,7 +23,7 @@ from conftest import kill_one_ranker
 pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.integration]
 
 CONFIG = Path("serve/config.yaml")
-RATE = 80  # requests per second: one ranker replica is busy about half the time at ~40
+RATE = 80  # requests per second: one ranker replica alone would be always busy, over its target of 1 ongoing
 LOAD_S = 25
 KILL_TAKES_S = 0.5  # from ray.kill() returning to the replica's process being gone
 
