@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import shutil
 
 import numpy as np
@@ -62,6 +64,29 @@ def test_an_image_column_empty_everywhere_needs_no_image_model(shop, tiny_models
     reports = encode_dataset(load_dataset(shop), out, cfg)
     assert [r.line().split(":")[0] for r in reports] == ["users.text", "items.text"]
     assert not feature_path(out, "users", "image").exists()
+
+
+def test_preprocessing_is_a_stage_of_tasks_never_fused_into_the_model_actors(shop, tiny_models, tmp_path,
+                                                                             monkeypatch):
+    """Decoding and tokenising run in stateless tasks, an operator of their own (issue 24): one actor
+    on 2 CPUs reserves 1 CPU, as a preprocessing task does, and Ray Data fused such stages."""
+    import ray
+
+    executed, iter_batches = [], ray.data.Dataset.iter_batches
+
+    def recorded(self, **kwargs):
+        executed.append(self)
+        return iter_batches(self, **kwargs)
+
+    monkeypatch.setattr(ray.data.Dataset, "iter_batches", recorded)
+    cfg, plans = dataclasses.replace(config(tiny_models, tmp_path), actors=1), []
+    encode_dataset(load_dataset(shop), tmp_path / "features", cfg, on_plan=plans.append)
+    assert plans[0].cpus_per_actor == 1 and not plans[0].gpus_per_actor
+    operators = [re.findall(r"^Operator \d+ (.+?): ", ds.stats(), re.MULTILINE) for ds in executed]
+    stages = {prepare: next(names for names in operators if any(prepare in name for name in names))
+              for prepare in ("prepare_texts", "prepare_images")}
+    assert all({f"MapBatches({prepare})", "MapBatches(ForwardPass)"} <= set(names)
+               for prepare, names in stages.items()), stages
 
 
 @pytest.fixture

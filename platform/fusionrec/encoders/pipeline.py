@@ -63,6 +63,7 @@ SIDES = ("users", "items")
 METADATA_KEY = b"fusionrec"
 WRITE_ROWS = 8192  # rows per Parquet row group as the tables are written
 IMAGE_BLOCK = 64  # pictures per preprocessing task
+PREPARE_MEMORY = 256 * 1024**2  # heap a preprocessing task asks for (64 pictures at 1024 px: 192 MiB)
 
 
 @dataclass(frozen=True)
@@ -204,9 +205,11 @@ def _encode_stream(kind: str, todo: pd.DataFrame, root: Path, model: str, name: 
     # On a GPU, two calls in flight per actor: one stages its batch while the other's forward runs.
     overlap = {"max_concurrent_calls_per_actor": 2, "enable_true_multi_threading": True} if pool.gpus_per_actor else {}
     # Pictures are preprocessed in smaller tasks (a block of 256 is 38 MB at 224 px): more of them
-    # run at once, and the actor's batch is assembled from several.
+    # run at once, and the actor's batch is assembled from several. Ray Data fuses tasks into the next
+    # stage's actors when their resource requests match (its docs, "Operator Fusion"): the memory
+    # request, which the actors never make, keeps preprocessing a stage of its own on any pool.
     ds = _blocks(todo[["key", "value"]], min(batch_size, IMAGE_BLOCK) if kind == "image" else batch_size).map_batches(
-        prepare, fn_kwargs=kwargs, batch_size=None, batch_format="numpy", num_cpus=1,
+        prepare, fn_kwargs=kwargs, batch_size=None, batch_format="numpy", num_cpus=1, memory=PREPARE_MEMORY,
     ).map_batches(
         ForwardPass,
         fn_constructor_kwargs={"kind": kind, "model": model, "name": name, "pooling": cfg.pooling,
@@ -262,8 +265,7 @@ def _write_side(writer: pq.ParquetWriter, frame: pd.DataFrame, results: _Results
                 problems: list[Problem]) -> TableReport:
     """One side's table in the dataset's order, a chunk at a time: reused rows keep their vectors,
     sent rows take their results as they come back, the rest are zeros."""
-    report = TableReport(side, kind, len(frame), int(frame["sent"].sum()),
-                         int((frame["value"].isna()).sum()))
+    report = TableReport(side, kind, len(frame), int(frame["sent"].sum()), int(frame["value"].isna().sum()))
     for start in range(0, len(frame), WRITE_ROWS):
         part = frame.iloc[start:start + WRITE_ROWS]
         sent = part["sent"].to_numpy()
@@ -393,8 +395,6 @@ def encode_dataset(dataset: Dataset, out: Path, cfg: EncodeConfig, on_plan: Call
                     "pool": asdict(pool) if pool else None,
                     "tables": [r.__dict__ | {"failed": len(r.failed)} for r in reports]}
         files.enter_context(atomic_file(out / "features.json")).write_text(json.dumps(manifest, indent=2))
-    for side in SIDES:  # a table this run did not write (its column is gone, or empty everywhere now) goes
-        for kind in KINDS:
-            if feature_path(out, side, kind) not in written:
-                feature_path(out, side, kind).unlink(missing_ok=True)
+    for path in {feature_path(out, side, kind) for side in SIDES for kind in KINDS} - set(written):
+        path.unlink(missing_ok=True)  # a table this run did not write (its column is gone, or empty everywhere now)
     return reports
