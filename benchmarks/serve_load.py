@@ -26,6 +26,7 @@ are tested in tests/test_serve_autoscale.py. Output: a line per phase, a PNG of 
 offered rate (--plot, default HOME/serve_load.png) and, last, one JSON line.
 
     .venv/bin/python benchmarks/serve_load.py [--seconds 30 --items 10000 --mix mixed --home DIR]
+                                              [--haproxy: Serve behind HAProxy, as `fusionrec serve --haproxy`]
 """
 
 from __future__ import annotations
@@ -236,10 +237,14 @@ def target(value: float, op: str, bound: float) -> dict:
 def main(seconds: float = 30, warmup: float = 10, clients: int = 32, mix: str = "mixed", arrivals: str = "poisson",
          items: int = 10_000, users: int = 2000, sequential: int = 300, connections: int = 1000,
          timeout: float = 30, settle: float = 2, seed: int = 0, port: int = 18080,
-         home: Path | None = None,
+         home: Path | None = None, haproxy: bool = False,
          plot: Annotated[Path | None, typer.Option(help="PNG to write (default HOME/serve_load.png).")] = None) -> None:
     if mix not in ("mixed", "known") or arrivals not in ("poisson", "uniform"):
         raise typer.BadParameter("--mix is mixed or known, --arrivals poisson or uniform")
+    if haproxy:
+        from fusionrec.ops.ray_runtime import serve_behind_haproxy
+
+        serve_behind_haproxy()
     home = (home or Path(tempfile.gettempdir()) / "fusionrec-serve-bench").resolve()
     os.environ["FUSIONREC_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)

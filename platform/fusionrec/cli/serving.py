@@ -20,6 +20,9 @@ def serve(
     = None,
     plain: Annotated[bool, typer.Option(help="One process, no Ray: FastAPI + uvicorn (development, benchmarks).")]
     = False,
+    haproxy: Annotated[bool, typer.Option(help="Serve behind HAProxy (Ray's, shipped with ray[serve]) instead of "
+                                               "Serve's Python proxy: requests go straight to a ranker replica's "
+                                               "own port. Local Ray only.")] = False,
 ) -> None:
     """Serve the model over HTTP: POST /predict, POST /recommend, GET /model, GET /healthz, docs at /docs."""
     import signal
@@ -40,6 +43,10 @@ def serve(
         return
     from fusionrec.serve import app as serve_app
 
+    if haproxy:
+        from fusionrec.ops.ray_runtime import serve_behind_haproxy
+
+        serve_behind_haproxy()
     info = serve_app.start(model_uri, host, port, config)
     address = f"http://{host or '127.0.0.1'}:{port or 8000}"
     typer.echo(f"serving {info['name'] or 'bundle'} version {info['version']} ({info['model']}) at {address} "
