@@ -29,12 +29,11 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import typer
 from open_loop import percentiles
-from serve_load import closed_loop, one_client, requests_for, setup, wait_until_up
+from serve_load import closed_loop, one_client, prepare, requests_for, wait_until_up
 
 CONFIG = Path(__file__).resolve().parent.parent / "serve" / "config.yaml"
 ANSWER = {"items": [{"item_id": f"i{n:05d}", "score": 4.5, "rating": 4.5} for n in range(10)], "model_version": "1"}
@@ -84,26 +83,12 @@ def measure(name: str, base: str, known: list[str], items: list[str], opt: dict)
 def main(seconds: float = 10, warmup: float = 5, clients: int = 32, sequential: int = 300, port: int = 18090,
          items: int = 10_000, users: int = 2000, home: Path | None = None, config: Path = CONFIG,
          haproxy: bool = False) -> None:
-    if haproxy:
-        from fusionrec.ops.ray_runtime import serve_behind_haproxy
-
-        serve_behind_haproxy()
-    home = (home or Path(tempfile.gettempdir()) / "fusionrec-serve-bench").resolve()
-    os.environ["FUSIONREC_HOME"] = str(home)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    setup(home, users, items)
-    import pandas as pd
+    _, known, item_ids = prepare(home, users, items, haproxy)
     import ray
     from ray import serve
 
-    from fusionrec import registry
     from fusionrec.serve import app as serve_app
 
-    if ray.is_initialized():
-        ray.shutdown()
-    registry.promote("1")
-    known = sorted(pd.read_parquet(home / "shop" / "ratings.parquet")["user_id"].unique().tolist())
-    item_ids = sorted(pd.read_parquet(home / "shop" / "items.parquet")["item_id"].tolist())
     opt = {"seconds": seconds, "warmup": warmup, "clients": clients, "sequential": sequential}
     results = {}
 

@@ -77,6 +77,29 @@ def setup(home: Path, users: int, items: int) -> None:
     registry.promote("1")
 
 
+def prepare(home: Path | None, users: int, items: int, haproxy: bool) -> tuple[Path, list[str], list[str]]:
+    """The state folder (setup run once), version 1 the champion, no Ray left running; Serve behind
+    HAProxy from the next Ray on if `haproxy`. Returns the folder, the known users and the items."""
+    if haproxy:
+        from fusionrec.ops.ray_runtime import serve_behind_haproxy
+
+        serve_behind_haproxy()
+    home = (home or Path(tempfile.gettempdir()) / "fusionrec-serve-bench").resolve()
+    os.environ["FUSIONREC_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    setup(home, users, items)
+    import pandas as pd
+    import ray
+
+    from fusionrec import registry
+
+    if ray.is_initialized():  # setup's Ray would idle beside the plain server
+        ray.shutdown()
+    registry.promote("1")
+    known = sorted(pd.read_parquet(home / "shop" / "ratings.parquet")["user_id"].unique().tolist())
+    return home, known, sorted(pd.read_parquet(home / "shop" / "items.parquet")["item_id"].tolist())
+
+
 def requests_for(base: str, mix: str, users: list[str], items: list[str], n: int,
                  rng: random.Random) -> list[tuple[str, dict]]:
     def one() -> tuple[str, dict]:
@@ -241,25 +264,11 @@ def main(seconds: float = 30, warmup: float = 10, clients: int = 32, mix: str = 
          plot: Annotated[Path | None, typer.Option(help="PNG to write (default HOME/serve_load.png).")] = None) -> None:
     if mix not in ("mixed", "known") or arrivals not in ("poisson", "uniform"):
         raise typer.BadParameter("--mix is mixed or known, --arrivals poisson or uniform")
-    if haproxy:
-        from fusionrec.ops.ray_runtime import serve_behind_haproxy
-
-        serve_behind_haproxy()
-    home = (home or Path(tempfile.gettempdir()) / "fusionrec-serve-bench").resolve()
-    os.environ["FUSIONREC_HOME"] = str(home)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    setup(home, users, items)
-    import pandas as pd
+    home, known, item_ids = prepare(home, users, items, haproxy)
     import ray
 
-    from fusionrec import registry
     from fusionrec.serve import app as serve_app
 
-    if ray.is_initialized():  # setup's Ray would idle beside the plain server
-        ray.shutdown()
-    registry.promote("1")
-    known = sorted(pd.read_parquet(home / "shop" / "ratings.parquet")["user_id"].unique().tolist())
-    item_ids = sorted(pd.read_parquet(home / "shop" / "items.parquet")["item_id"].tolist())
     opt = {"seconds": seconds, "warmup": warmup, "clients": clients, "mix": mix, "arrivals": arrivals,
            "sequential": sequential, "connections": connections, "timeout": timeout, "settle": settle, "seed": seed}
     print(f"{len(item_ids):,} items, mix {mix}, {arrivals} arrivals, {seconds:g} s a phase", flush=True)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -283,3 +286,32 @@ def assert_down_left_nothing(down: subprocess.CompletedProcess, env: dict, state
     again = fusionrec(env, "cluster", "down")
     assert again.returncode == 0 and again.stdout.strip() == "no cluster"
     assert fusionrec(env, "cluster", "status").stdout.startswith("no cluster")
+
+
+@contextlib.contextmanager
+def fusionrec_serve(args: list[str], env: dict[str, str], seconds: float = 120):
+    """`fusionrec serve ARGS --port P` in its own process until /healthz answers 200 (its URL is
+    yielded); then Ctrl-C, and it must exit 0. Fails at once if the server exits early."""
+    import requests
+
+    from fusionrec.ops.processes import free_port
+
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "fusionrec"), "serve", *args, "--port", str(port)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + seconds
+        while True:
+            assert server.poll() is None, f"fusionrec serve exited: {server.stdout.read()}"
+            assert time.monotonic() < deadline, f"fusionrec serve did not answer /healthz within {seconds:g} s"
+            try:
+                if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=90) == 0

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import requests
 import yaml
 
-from conftest import kill_one_ranker
+from conftest import fusionrec_serve, kill_one_ranker
 
 pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.integration]
 
@@ -35,29 +33,13 @@ def ranker_replicas() -> int:
 
 
 @pytest.fixture
-def served(registered, free_port):
+def served(registered):
     """`fusionrec serve --config serve/config.yaml` joined to this session's Ray; stopped with Ctrl-C."""
     import ray
 
-    port = free_port()
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    server = subprocess.Popen([str(Path(sys.executable).parent / "fusionrec"), "serve", "--config", str(CONFIG),
-                               "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert server.poll() is None, f"fusionrec serve exited: {server.stdout.read()}"
-        assert time.monotonic() < deadline, "fusionrec serve did not answer /healthz within 120 s"
-        try:
-            if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    yield url
-    server.send_signal(signal.SIGINT)
-    assert server.wait(timeout=60) == 0
+    with fusionrec_serve(["--config", str(CONFIG)],
+                         {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}) as url:
+        yield url
 
 
 def test_the_ranker_scales_out_under_load_and_back_and_a_kill_costs_only_what_it_held(served, served_bundles, tmp_path):
