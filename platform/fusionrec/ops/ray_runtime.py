@@ -45,7 +45,9 @@ def serve_behind_haproxy() -> None:
     if os.environ.get("RAY_ADDRESS") or ray.is_initialized():
         raise ValueError("--haproxy: only for the local Ray fusionrec starts; on a running cluster, start its "
                          f"nodes with {' '.join(f'{k}={v}' for k, v in HAPROXY_ENV.items())}")
-    os.environ.update({name: os.environ.get(name, value) for name, value in HAPROXY_ENV.items()})
+    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"  # what was asked for; the draining period may be the user's
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S",
+                          HAPROXY_ENV["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"])
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
