@@ -25,15 +25,12 @@ in both servers, the saturation ratio Serve can reach at most is
 import asyncio
 import json
 import multiprocessing
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import typer
 from open_loop import percentiles
-from serve_load import closed_loop, one_client, prepare, requests_for, wait_until_up
+from serve_load import closed_loop, one_client, plain_server, prepare, requests_for, wait_until_up
 
 CONFIG = Path(__file__).resolve().parent.parent / "serve" / "config.yaml"
 ANSWER = {"items": [{"item_id": f"i{n:05d}", "score": 4.5, "rating": 4.5} for n in range(10)], "model_version": "1"}
@@ -102,15 +99,8 @@ def main(seconds: float = 10, warmup: float = 5, clients: int = 32, sequential: 
         null.terminate()
         null.join(30)
 
-    base = f"http://127.0.0.1:{port + 2}"
-    plain = subprocess.Popen([str(Path(sys.executable).parent / "fusionrec"), "serve", "--plain", "--port",
-                              str(port + 2), "--model-uri", "models:/fusionrec/1"], env=os.environ.copy())
-    try:
-        wait_until_up(base)
+    with plain_server(port + 2) as base:
         results["plain"] = measure("plain", base, known, item_ids, opt)
-    finally:
-        plain.terminate()
-        plain.wait(timeout=30)
 
     settings = serve_app.read_config(config)
     from fusionrec.ops.ray_runtime import ensure_ray

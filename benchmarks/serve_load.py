@@ -32,6 +32,7 @@ offered rate (--plot, default HOME/serve_load.png) and, last, one JSON line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -230,6 +231,19 @@ def wait_until_up(base: str, seconds: float = 180) -> None:
     raise RuntimeError(f"{base} did not come up within {seconds:.0f} s")
 
 
+@contextlib.contextmanager
+def plain_server(port: int):
+    """`fusionrec serve --plain` serving version 1 on `port` until the block ends; yields its URL once up."""
+    server = subprocess.Popen([str(Path(sys.executable).parent / "fusionrec"), "serve", "--plain", "--port",
+                               str(port), "--model-uri", "models:/fusionrec/1"], env=os.environ.copy())
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def draw(results: dict, title: str, path: Path) -> None:
     import matplotlib
 
@@ -273,15 +287,8 @@ def main(seconds: float = 30, warmup: float = 10, clients: int = 32, mix: str = 
            "sequential": sequential, "connections": connections, "timeout": timeout, "settle": settle, "seed": seed}
     print(f"{len(item_ids):,} items, mix {mix}, {arrivals} arrivals, {seconds:g} s a phase", flush=True)
 
-    plain_base = f"http://127.0.0.1:{port + 1}"
-    server = subprocess.Popen([str(Path(sys.executable).parent / "fusionrec"), "serve", "--plain", "--port",
-                               str(port + 1), "--model-uri", "models:/fusionrec/1"], env=os.environ.copy())
-    try:
-        wait_until_up(plain_base)
+    with plain_server(port + 1) as plain_base:
         plain = measure("plain", plain_base, opt, known, item_ids, None, watch=False)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
     info = serve_app.start(port=port, config=Path(__file__).parent.parent / "serve" / "config.yaml")
     print(f"Ray Serve up: model version {info['version']}, {info['items']:,} items", flush=True)
