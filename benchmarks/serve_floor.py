@@ -19,7 +19,7 @@ in both servers, the saturation ratio Serve can reach at most is
 (the plain server's time per request, with Serve's overhead in place of plain's). Last line: JSON.
 
     .venv/bin/python benchmarks/serve_floor.py [--seconds 10 --clients 32 --home DIR --config serve/config.yaml]
-                                               [--haproxy: Serve behind HAProxy, as `fusionrec serve --haproxy`]
+                                               [--proxy python: Serve's Python proxy instead of HAProxy]
 """
 
 import asyncio
@@ -79,8 +79,8 @@ def measure(name: str, base: str, known: list[str], items: list[str], opt: dict)
 
 def main(seconds: float = 10, warmup: float = 5, clients: int = 32, sequential: int = 300, port: int = 18090,
          items: int = 10_000, users: int = 2000, home: Path | None = None, config: Path = CONFIG,
-         haproxy: bool = False) -> None:
-    _, known, item_ids = prepare(home, users, items, haproxy)
+         proxy: str | None = None) -> None:
+    _, known, item_ids = prepare(home, users, items, proxy)
     import ray
     from ray import serve
 

@@ -26,7 +26,7 @@ are tested in tests/test_serve_autoscale.py. Output: a line per phase, a PNG of 
 offered rate (--plot, default HOME/serve_load.png) and, last, one JSON line.
 
     .venv/bin/python benchmarks/serve_load.py [--seconds 30 --items 10000 --mix mixed --home DIR]
-                                              [--haproxy: Serve behind HAProxy, as `fusionrec serve --haproxy`]
+                                              [--proxy python: Serve's Python proxy instead of HAProxy]
 """
 
 from __future__ import annotations
@@ -78,13 +78,14 @@ def setup(home: Path, users: int, items: int) -> None:
     registry.promote("1")
 
 
-def prepare(home: Path | None, users: int, items: int, haproxy: bool) -> tuple[Path, list[str], list[str]]:
+def prepare(home: Path | None, users: int, items: int, proxy: str | None) -> tuple[Path, list[str], list[str]]:
     """The state folder (setup run once), version 1 the champion, no Ray left running; Serve behind
-    HAProxy from the next Ray on if `haproxy`. Returns the folder, the known users and the items."""
-    if haproxy:
-        from fusionrec.ops.ray_runtime import serve_behind_haproxy
+    `proxy` from the next Ray on (None: fusionrec's default). Returns the folder, the known users
+    and the items."""
+    if proxy is not None:
+        from fusionrec.ops.ray_runtime import choose_serve_proxy
 
-        serve_behind_haproxy()
+        choose_serve_proxy(proxy)
     home = (home or Path(tempfile.gettempdir()) / "fusionrec-serve-bench").resolve()
     os.environ["FUSIONREC_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -274,11 +275,11 @@ def target(value: float, op: str, bound: float) -> dict:
 def main(seconds: float = 30, warmup: float = 10, clients: int = 32, mix: str = "mixed", arrivals: str = "poisson",
          items: int = 10_000, users: int = 2000, sequential: int = 300, connections: int = 1000,
          timeout: float = 30, settle: float = 2, seed: int = 0, port: int = 18080,
-         home: Path | None = None, haproxy: bool = False,
+         home: Path | None = None, proxy: str | None = None,
          plot: Annotated[Path | None, typer.Option(help="PNG to write (default HOME/serve_load.png).")] = None) -> None:
     if mix not in ("mixed", "known") or arrivals not in ("poisson", "uniform"):
         raise typer.BadParameter("--mix is mixed or known, --arrivals poisson or uniform")
-    home, known, item_ids = prepare(home, users, items, haproxy)
+    home, known, item_ids = prepare(home, users, items, proxy)
     import ray
 
     from fusionrec.serve import app as serve_app

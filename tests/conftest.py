@@ -214,6 +214,15 @@ def registered(served_bundles, tmp_path_factory):
     patch.undo()
 
 
+def port_holders(url: str) -> set[str]:
+    """The names of the processes listening on `url`'s port: which proxy answers it."""
+    import psutil
+
+    port = int(url.rsplit(":", 1)[1])
+    listening = {c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port}
+    return {psutil.Process(pid).name() for pid in listening if pid}
+
+
 def kill_one_ranker() -> int:
     """Kill one running ranker replica of the Serve application (as a crash would, no restart);
     returns how many there were."""

@@ -158,9 +158,10 @@ def test_job_errors_name_the_job_or_the_cluster(monkeypatch, free_port):
     fails_in_one_line(["job", "list"], "Failed to connect to Ray at address: http://127.0.0.1:")
 
 
-def test_serve_behind_haproxy_only_on_a_local_ray(monkeypatch):
+def test_serve_proxy_is_chosen_only_for_a_local_ray(monkeypatch):
+    fails_in_one_line(["serve", "--proxy", "nginx"], "--proxy: 'nginx' is not one of haproxy, python")
     monkeypatch.setenv("RAY_ADDRESS", "ray://somewhere:10001")  # its nodes' environment decides, not ours
-    fails_in_one_line(["serve", "--haproxy"], "--haproxy: only for the local Ray fusionrec starts")
+    fails_in_one_line(["serve", "--proxy", "python"], "--proxy: only for the local Ray fusionrec starts")
     assert "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ
 
 

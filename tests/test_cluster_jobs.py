@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import requests
 
-from conftest import FUSIONREC, ROOT, assert_down_left_nothing, fusionrec
+from conftest import FUSIONREC, ROOT, assert_down_left_nothing, fusionrec, port_holders
 
 pytestmark = pytest.mark.integration
 
@@ -83,6 +83,7 @@ def test_cluster_jobs_tracking_serve_and_down(cluster_env, tiny_shop, tiny_model
                     pass  # not listening yet, or busy starting
                 time.sleep(1)
             assert served.poll() is None, served.stdout.read()[-3000:]
+            assert port_holders(url) == {"haproxy"}  # `cluster up` starts its nodes to serve behind HAProxy
             user = pd.read_parquet(tiny_shop / "ratings.parquet")["user_id"].iloc[0]
             answer = requests.post(f"{url}/recommend", json={"user_id": user, "k": 3}, timeout=60)
             assert answer.status_code == 200, answer.text

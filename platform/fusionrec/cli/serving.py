@@ -20,9 +20,11 @@ def serve(
     = None,
     plain: Annotated[bool, typer.Option(help="One process, no Ray: FastAPI + uvicorn (development, benchmarks).")]
     = False,
-    haproxy: Annotated[bool, typer.Option(help="Serve behind HAProxy (Ray's, shipped with ray[serve]) instead of "
-                                               "Serve's Python proxy: requests go straight to a ranker replica's "
-                                               "own port. Local Ray only.")] = False,
+    proxy: Annotated[str | None, typer.Option(help="What answers HTTP in front of the replicas, on the local Ray "
+                                                   "this starts: haproxy (Ray's, shipped with ray[serve] on Linux; "
+                                                   "requests go straight to a ranker replica's own port) or python "
+                                                   "(Serve's proxy). Default: haproxy where installed. On a cluster "
+                                                   "(RAY_ADDRESS) its nodes' environment decides.")] = None,
 ) -> None:
     """Serve the model over HTTP: POST /predict, POST /recommend, GET /model, GET /healthz, docs at /docs."""
     import signal
@@ -43,10 +45,10 @@ def serve(
         return
     from fusionrec.serve import app as serve_app
 
-    if haproxy:
-        from fusionrec.ops.ray_runtime import serve_behind_haproxy
+    if proxy is not None:
+        from fusionrec.ops.ray_runtime import choose_serve_proxy
 
-        serve_behind_haproxy()
+        choose_serve_proxy(proxy)
     info = serve_app.start(model_uri, host, port, config)
     address = f"http://{host or '127.0.0.1'}:{port or 8000}"
     typer.echo(f"serving {info['name'] or 'bundle'} version {info['version']} ({info['model']}) at {address} "

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from fusionrec.config import state_folder
 from fusionrec.ops.processes import Proc, exited, free_port, log_tail, spawn, start_failed, stop_processes
-from fusionrec.ops.ray_runtime import default_auth_mode
+from fusionrec.ops.ray_runtime import default_auth_mode, serve_proxy_env
 
 STATE_FILE = "cluster.json"
 
@@ -47,11 +47,12 @@ def alive_nodes(dashboard_url: str) -> list[dict]:
 
 def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a node: this one, plus the auth mode, no usage stats, this venv's
-    `python` first on PATH (job entrypoints say `python jobs/...`) and `extra`."""
+    `python` first on PATH (job entrypoints say `python jobs/...`), `extra`, and Serve behind
+    HAProxy where it is installed (ray_runtime.serve_proxy_env)."""
     env = {**os.environ, "RAY_AUTH_MODE": default_auth_mode(), "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **(extra or {})}
     env.pop("RAY_ADDRESS", None)
-    return env
+    return env | serve_proxy_env(env)
 
 
 class LocalCluster:

