@@ -74,6 +74,15 @@ def test_scoring_a_subset_of_items_agrees_with_scoring_all(bundles, name):
     user = model.users.gather(torch.tensor([3]))
     rows = torch.tensor([31, 0, 5, 17, 5])
     assert np.allclose(model.score_items_for(user, rows).numpy(), model.score_all_for(user).numpy()[rows], atol=1e-6)
+    def pairwise() -> np.ndarray:  # score(): no cached towers
+        return model(torch.full((len(rows),), 3), rows).detach().numpy()
+
+    seen = pairwise()
+    assert np.allclose(model.score_items(3, rows).numpy(), seen, atol=1e-5)
+    assert np.allclose(model.score_all(3).numpy()[rows], seen, atol=1e-5)
+    model.mark_seen(np.array([0]), np.arange(model.items.n))  # user 3 unseen now: scored as the unknown user
+    assert np.allclose(model.score_all(3).numpy()[rows], pairwise(), atol=1e-5)
+    assert not np.allclose(model.score_all(3).numpy()[rows], seen, atol=1e-3)
 
 
 @pytest.mark.parametrize("name", ["fusion", "neumf", "svd"])

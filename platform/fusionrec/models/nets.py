@@ -119,6 +119,11 @@ class Recommender(nn.Module):
         return self.score({k: v.expand(n, *v.shape[1:]) for k, v in user.items()}, items)
 
     @torch.no_grad()
+    def score_items(self, user: int, rows: torch.Tensor) -> torch.Tensor:
+        """[len(rows)] scores of the item rows `rows` for user row `user`: score_all(user)[rows]."""
+        return self.score_items_for(self.users.gather(torch.tensor([user], device=self.device)), rows)
+
+    @torch.no_grad()
     def score_items_for(self, user: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
         """[len(rows)] scores of the item rows `rows` for one user given as a gathered row: what
         score_all_for(user)[rows] holds, computed for those rows only (the re-ranking stage)."""
@@ -247,7 +252,7 @@ class FusionNeuMF(Recommender):
                 self.out.bias -= self.expected_match()
 
         self.content_dropout = nn.Dropout(config.content_dropout)
-        self._items_cache: tuple[torch.Tensor, ...] | None = None
+        self._towers_cache: dict[str, tuple[torch.Tensor, ...]] = {}  # "users"/"items": towers()
 
     def id_embeddings(self) -> list[nn.Parameter]:
         return [self.user_tower.ids.weight, self.item_tower.ids.weight]
@@ -261,6 +266,7 @@ class FusionNeuMF(Recommender):
 
     def mark_seen(self, users: np.ndarray, items: np.ndarray) -> None:
         super().mark_seen(users, items)
+        self._towers_cache = {}  # who is known changed the ids the towers were made with
         self.user_tower.set_id_dropout(users)
         self.item_tower.set_id_dropout(items)
 
@@ -277,47 +283,74 @@ class FusionNeuMF(Recommender):
         joint = torch.cat([user_vector * item_vector, self.mlp(mlp_input)], dim=1)
         return self.out(joint).squeeze(-1) + user_bias + item_bias  # [batch]
 
-    # The cached item towers hold for fixed weights: dropped on entering training or loading weights.
+    # The cached towers hold for fixed weights and seen masks: dropped on entering training, loading
+    # weights or marking who was seen.
     def train(self, mode: bool = True):
         if mode:
-            self._items_cache = None
+            self._towers_cache = {}
         return super().train(mode)
 
     def load_state_dict(self, *args, **kwargs):
-        self._items_cache = None
+        self._towers_cache = {}
         return super().load_state_dict(*args, **kwargs)
 
+    def _side_towers(self, side: str, content: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """A side's (vector [n, out_dim], its half of the MLP's first layer [n, mlp[0]], bias [n]);
+        the item half carries the layer's bias. The first layer is split so each half is applied
+        once per user or item, not once per pair."""
+        first, split = self.mlp[0], self.user_tower.out_dim  # Linear over [user_vector ++ item_vector]
+        if side == "users":
+            vector, bias = self.user_tower(content)
+            return vector, vector @ first.weight[:, :split].T, bias
+        vector, bias = self.item_tower(content)
+        return vector, vector @ first.weight[:, split:].T + first.bias, bias
+
     @torch.no_grad()
-    def item_towers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every known item's (vector [n, out_dim], its half of the MLP's first layer [n, mlp[0]],
-        bias [n]), computed once and cached. Eval mode only: the cache holds for fixed weights."""
-        if self._items_cache is None:
-            first = self.mlp[0]  # Linear over [user_vector ++ item_vector]
-            item_vector, item_bias = self.item_tower(self.items.known())
-            self._items_cache = (item_vector, item_vector @ first.weight[:, self.user_tower.out_dim:].T + first.bias,
-                                 item_bias)
-        return self._items_cache
+    def towers(self, side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every known user's or item's towers (`side` "users" or "items"; see _side_towers),
+        computed once and cached. Eval mode only: the cache holds for fixed weights."""
+        if side not in self._towers_cache:
+            self._towers_cache[side] = self._side_towers(side, getattr(self, side).known())
+        return self._towers_cache[side]
+
+    @torch.no_grad()
+    def score_all(self, user: int) -> torch.Tensor:
+        """score_all_for(that user's row), from both sides' cached towers."""
+        if self.training:
+            return super().score_all(user)
+        return self._score_towers([tower[user:user + 1] for tower in self.towers("users")], *self.towers("items"))
+
+    @torch.no_grad()
+    def score_items(self, user: int, rows: torch.Tensor) -> torch.Tensor:
+        """score_all(user)[rows], from both sides' cached towers (those rows only on the item side)."""
+        if self.training:
+            return super().score_items(user, rows)
+        return self._score_towers([tower[user:user + 1] for tower in self.towers("users")],
+                                  *(tower[rows] for tower in self.towers("items")))
 
     @torch.no_grad()
     def score_all_for(self, user):
         """Same scores as score(), without recomputing the item towers for every user: in eval mode
-        they are cached, and the MLP's first layer is split so the item half is applied once."""
+        they are cached."""
         if self.training:
             return super().score_all_for(user)
-        return self._score_towers(user, *self.item_towers())
+        return self._score_towers(self._side_towers("users", user), *self.towers("items"))
 
     @torch.no_grad()
     def score_items_for(self, user, rows):
         """score_all_for(user)[rows], from the cached item towers' rows `rows` only."""
         if self.training:
             return super().score_items_for(user, rows)
-        return self._score_towers(user, *(tower[rows] for tower in self.item_towers()))
+        return self._score_towers(self._side_towers("users", user), *(tower[rows] for tower in self.towers("items")))
 
     def _score_towers(self, user, item_vector, item_first, item_bias):
-        """One user's scores of items given by their towers: [n, out_dim], [n, mlp[0]], [n] -> [n]."""
-        first = self.mlp[0]
+        """One user's scores of items, given the user's towers ([1, out_dim], [1, mlp[0]], [1]) and
+        the items' ([n, out_dim], [n, mlp[0]], [n]) -> [n]. The output layer is linear, so
+        w . [x_u * x_i ++ h] = x_i . (x_u * w_gmf) + h . w_mlp: no [n, out_dim] product or
+        concatenation is made. Known users' towers are cached as well (score_all, score_items)."""
+        user_vector, user_first, user_bias = user
+        hidden = self.mlp[1:](item_first + user_first)  # [n, mlp[-1]]
+        weight = self.out.weight[0]  # [out_dim + mlp[-1]]: the GMF part, then the MLP part
         split = self.user_tower.out_dim
-        user_vector, user_bias = self.user_tower(user)  # [1, out_dim], [1]
-        hidden = self.mlp[1:](item_first + user_vector @ first.weight[:, :split].T)  # [n, mlp[-1]]
-        joint = torch.cat([user_vector * item_vector, hidden], dim=1)
-        return self.out(joint).squeeze(-1) + user_bias + item_bias  # [n]
+        scores = torch.addmv(hidden @ weight[split:], item_vector, user_vector[0] * weight[:split])  # [n]
+        return scores + (self.out.bias + user_bias) + item_bias

@@ -50,7 +50,7 @@ IVF_TRAINING_PER_LIST = 64  # k-means learns the lists from this many keys per l
 def item_keys(model: Recommender) -> np.ndarray | None:
     """[n_items, d + 1] float32 keys (see the module docstring), or None: no inner-product part."""
     if isinstance(model, FusionNeuMF):
-        vector, _, bias = model.item_towers()  # [n, d], [n, mlp[0]], [n]
+        vector, _, bias = model.towers("items")  # [n, d], [n, mlp[0]], [n]
     elif isinstance(model, BiasedMF):
         ids = model.items.known()["ids"]  # unseen items read the unknown row, as score() does
         vector, bias = model.q(ids), model.b_i(ids).squeeze(-1)  # [n, d], [n]

@@ -79,7 +79,7 @@ class LoadedModel:
         loaded = cls(ref, model, meta, row_index(meta["users"]["ids"]), row_index(meta["items"]["ids"]),
                      np.array(meta["items"]["ids"], dtype=object),
                      seen, registry.run_metrics(ref.run_id))
-        model.score_all_for(model.users.row())  # warm up (FusionNeuMF caches its item towers here)
+        model.score_all(0)  # warm up (FusionNeuMF caches both sides' towers here)
         if len(loaded.items) > candidates_above:
             loaded.index = CandidateIndex.for_model(model)  # None for a model without an inner-product part
         return loaded
@@ -115,13 +115,18 @@ class LoadedModel:
                           for item, i, rating in zip(items, top, ratings, strict=True)],
                 "model_version": self.ref.version}
 
-    def two_stage(self, user: dict[str, torch.Tensor], k: int, candidates: int, seen: np.ndarray) -> dict:
+    def two_stage(self, user: int | dict[str, torch.Tensor], k: int, candidates: int, seen: np.ndarray) -> dict:
         """The top k of `candidates` items (k if more) from the index, not in `seen`, re-ranked by
-        the model. The seen items among the proposals are scored too, then left out, as in exact
-        ranking: once every item is proposed, the model does the very computation of ranking them all."""
+        the model; `user` a known user's row or a new user's gathered row. The seen items among the
+        proposals are scored too, then left out, as in exact ranking: once every item is proposed,
+        the model does the very computation of ranking them all."""
+        model = self.model
+        known = isinstance(user, int)
+        gathered = model.users.gather(torch.tensor([user], device=model.device)) if known else user
         wanted = max(candidates, k) + len(seen)
-        rows = self.index.search(user_query(self.model, user), wanted)  # [<= wanted] item rows, ascending
-        scores = self.model.score_items_for(user, torch.as_tensor(rows, device=self.model.device))  # [len(rows)]
+        rows = self.index.search(user_query(model, gathered), wanted)  # [<= wanted] item rows, ascending
+        rows_t = torch.as_tensor(rows, device=model.device)
+        scores = model.score_items(user, rows_t) if known else model.score_items_for(user, rows_t)  # [len(rows)]
         scores = finite(scores.cpu().numpy().astype(np.float64))
         scores[np.isin(rows, seen)] = -np.inf
         return self.top(scores, k, rows)
@@ -242,8 +247,7 @@ class Ranker:
         m = self.current
         user = m.user_row(user_id)
         if m.index is not None:
-            gathered = m.model.users.gather(torch.tensor([user], device=m.model.device))
-            return m.two_stage(gathered, k, self.candidates, m.seen[user] if exclude_seen else np.zeros(0, np.int64))
+            return m.two_stage(user, k, self.candidates, m.seen[user] if exclude_seen else np.zeros(0, np.int64))
         scores = finite(m.model.score_all(user).numpy().astype(np.float64))
         if exclude_seen:
             scores[m.seen[user]] = -np.inf
