@@ -5,6 +5,7 @@ test_serve_autoscale (HAProxy, the default) and test_serve_python_proxy."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from fusionrec.ops import ray_runtime
 from fusionrec.ops.cluster import node_env
@@ -41,3 +42,22 @@ def test_environment_is_restored_after_the_block(monkeypatch):
     with environment({"FUSIONREC_TEST_KEPT": "theirs", "FUSIONREC_TEST_ADDED": "1"}):
         assert os.environ["FUSIONREC_TEST_KEPT"] == "theirs" and os.environ["FUSIONREC_TEST_ADDED"] == "1"
     assert os.environ["FUSIONREC_TEST_KEPT"] == "mine" and "FUSIONREC_TEST_ADDED" not in os.environ
+
+
+def test_ports_handed_out_lie_outside_the_ephemeral_range_and_skip_taken_ones(monkeypatch):
+    """A port from the kernel's ephemeral range can be taken by any outgoing connection before the
+    server it was picked for binds it (it happened to HAProxy's stats port in the load benchmark)."""
+    import socket
+
+    from fusionrec.ops import processes
+
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = [processes.free_port() for _ in range(20)]
+    assert len(set(ports)) == 20 and all(p in processes.SERVICE_PORTS and not low <= p <= high for p in ports)
+    port = processes.free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.2", port))  # on one address only: not free for a server on every interface
+        taken.listen()
+        monkeypatch.setattr(processes, "SERVICE_PORTS", range(port, port + 2))
+        monkeypatch.setattr(processes, "_handed_out", set())
+        assert processes.free_port() == port + 1

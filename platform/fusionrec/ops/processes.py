@@ -6,6 +6,7 @@ session, and named, with its command and log tail, when it fails to start.
 from __future__ import annotations
 
 import os
+import random
 import re
 import shlex
 import socket
@@ -13,12 +14,28 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Ports handed to servers we start. Not the kernel's ephemeral range (Linux 32768-60999), where
+# every outgoing connection takes one: a port picked there was taken by a client of the load
+# benchmark before HAProxy bound it. Apart from Ray's worker ports (10002-19999) and Serve's
+# replica ports (30000-31000) too.
+SERVICE_PORTS = range(20000, 30000)
+_handed_out: set[int] = set()
+
 
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port from SERVICE_PORTS that nothing is bound to right now, on any interface, and that
+    this process has not handed out before."""
+    for port in random.sample(SERVICE_PORTS, min(500, len(SERVICE_PORTS))):
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))  # fails if anything holds the port, on any address
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port in {SERVICE_PORTS.start}-{SERVICE_PORTS.stop - 1}")
 
 
 @dataclass
