@@ -297,22 +297,39 @@ def assert_down_left_nothing(down: subprocess.CompletedProcess, env: dict, state
     assert fusionrec(env, "cluster", "status").stdout.startswith("no cluster")
 
 
+def python_stacks(pid: int) -> str:
+    """The Python stacks of `pid` and of Serve's controller, when a process hangs (py-spy, if it may trace)."""
+    pids = [str(pid)] + subprocess.run(["pgrep", "-f", "ServeController"], capture_output=True,
+                                       text=True).stdout.split()
+    dumps = [subprocess.run([str(Path(sys.executable).parent / "py-spy"), "dump", "--pid", p], capture_output=True,
+                            text=True, timeout=30) for p in pids]
+    return "\n".join(d.stdout + d.stderr for d in dumps)
+
+
 @contextlib.contextmanager
 def fusionrec_serve(args: list[str], env: dict[str, str], seconds: float = 120):
     """`fusionrec serve ARGS --port P` in its own process until /healthz answers 200 (its URL is
     yielded); then Ctrl-C, and it must exit 0. Fails at once if the server exits early."""
+    import tempfile
+
     import requests
 
     from fusionrec.ops.processes import free_port
 
     port = free_port()
+    # Its output goes to a file, read on failure: a pipe nobody reads would block the server once full.
+    output = tempfile.NamedTemporaryFile("w+", prefix="fusionrec-serve-", suffix=".log")
     server = subprocess.Popen([str(Path(sys.executable).parent / "fusionrec"), "serve", *args, "--port", str(port)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
+
+    def printed() -> str:
+        return Path(output.name).read_text()[-4000:]
+
     try:
         deadline = time.monotonic() + seconds
         while True:
-            assert server.poll() is None, f"fusionrec serve exited: {server.stdout.read()}"
+            assert server.poll() is None, f"fusionrec serve exited: {printed()}"
             assert time.monotonic() < deadline, f"fusionrec serve did not answer /healthz within {seconds:g} s"
             try:
                 if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
@@ -323,4 +340,13 @@ def fusionrec_serve(args: list[str], env: dict[str, str], seconds: float = 120):
         yield url
     finally:
         server.send_signal(signal.SIGINT)
-        assert server.wait(timeout=90) == 0
+        try:
+            assert server.wait(timeout=90) == 0, printed()
+        except subprocess.TimeoutExpired:
+            stacks = python_stacks(server.pid)
+            server.kill()
+            server.wait()
+            raise AssertionError(f"fusionrec serve did not stop within 90 s of Ctrl-C: {printed()}\n"
+                                 f"stacks before it was killed:\n{stacks}") from None
+        finally:
+            output.close()

@@ -24,6 +24,7 @@ CONFIG = Path("serve/config.yaml")
 RATE = 80  # requests per second: one ranker replica alone would be always busy, over its target of 1 ongoing
 LOAD_S = 25
 KILL_TAKES_S = 0.5  # from ray.kill() returning to the replica's process being gone
+FAILS_WITHIN_S = 5  # a request the killed replica held has failed this long after its process is gone
 
 
 def ranker_replicas() -> int:
@@ -72,12 +73,19 @@ def test_the_ranker_scales_out_under_load_and_back_and_a_kill_costs_only_what_it
     assert max(n for _, n in timeline) >= 2, timeline
     assert killed is not None and summary["requests"] == RATE * LOAD_S
     # One hop: a request is in the killed replica's process, and dies with it. HAProxy has sent it
-    # on, so it cannot retry it: it closes the client's connection (status 0; Serve's Python proxy
-    # answers 500). Nothing else may fail: not a request routed after the kill, nor one left hanging.
+    # on, so it cannot retry it: it closes the client's connection or answers 500 (so does Serve's
+    # Python proxy). The replica holds every request HAProxy sent it, queued past
+    # max_ongoing_requests, so on a slow machine that can be hundreds (239 in one run). They fail
+    # when it dies, not later. Nothing else may fail: not a request routed after the kill, nor one
+    # left hanging.
     failed = [(at, latency, status) for at, latency, status in rows if not 200 <= status < 300]
     held = [(at, latency, status) for at, latency, status in failed
-            if sent + at <= killed[1] and sent + at + latency >= killed[0] and (status == 0 or status >= 500)]
-    assert failed == held and len(held) <= ranker["max_ongoing_requests"], (summary, killed, sent, failed)
+            if sent + at <= killed[1] and killed[0] <= sent + at + latency <= killed[1] + FAILS_WITHIN_S
+            and (status == 0 or status >= 500)]
+    window = (round(killed[0] - sent, 2), round(killed[1] - sent, 2))  # on the schedule's clock, as the rows
+    assert failed == held, (f"kill from {window[0]} to {window[1]} s; {len(held)} held by the killed replica; "
+                            f"other failures [scheduled s, latency s, status]: {[r for r in failed if r not in held]}; "
+                            f"replicas {[(round(t - sent, 1), n) for t, n in timeline]}; {summary}")
 
     deadline = time.monotonic() + scaling["downscale_delay_s"] + 45
     while ranker_replicas() > scaling["min_replicas"] and time.monotonic() < deadline:
