@@ -72,9 +72,10 @@ def measure(name: str, base: str, known: list[str], items: list[str], opt: dict)
     reqs = requests_for(base, "known", known, items, 20_000, random.Random(0))
     rate, errors = asyncio.run(closed_loop(reqs, opt["clients"], opt["warmup"], opt["seconds"], 30))
     print(f"{name}: 1 client p50 {single['p50_ms']} ms, p99 {single['p99_ms']} ms; "
-          f"saturation {rate:.1f}/s ({errors} errors)", flush=True)
+          f"saturation {rate:.1f}/s ({sum(errors.values())} errors{f', by status: {errors}' if errors else ''})",
+          flush=True)
     return {"p50_ms": single["p50_ms"], "p99_ms": single["p99_ms"], "saturation_per_s": round(rate, 1),
-            "errors": errors}
+            "errors": sum(errors.values()), "error_statuses": errors}
 
 
 def main(seconds: float = 10, warmup: float = 5, clients: int = 32, sequential: int = 300, port: int = 18090,
@@ -116,6 +117,7 @@ def main(seconds: float = 10, warmup: float = 5, clients: int = 32, sequential: 
         results["serve_null"] = measure("serve null", base, known, item_ids, opt)
         serve.delete("null")
         serve_app.start(port=port, config=config)
+        wait_until_up(base)  # the Encoder's text encoder loaded too, as the plain server's was
         results["serve"] = measure("serve", base, known, item_ids, opt)
     finally:
         serve.shutdown()
