@@ -39,6 +39,17 @@ def service(registered, tmp_path_factory, free_port):
     serve_app.stop()
 
 
+def test_the_encoder_loads_the_models_encoders_before_its_first_request(service):
+    # First in this module: no new user has been encoded yet, and start() does not ask the Encoder.
+    from ray import serve
+
+    from fusionrec.serve.app import APP_NAME
+
+    needed = [kind for kind, spec in service["info"]["user_encoders"].items() if spec]
+    loaded = serve.get_deployment_handle("Encoder", APP_NAME).loaded.remote().result(timeout_s=30)
+    assert needed and sorted(spec["kind"] for spec in loaded) == sorted(needed)
+
+
 def test_answers_and_rejects_through_serve(service, served_bundles):
     url = service["url"]
     assert service["info"]["version"] == "1" and service["info"]["alias"] == "champion"

@@ -49,7 +49,12 @@ def serve(
         from fusionrec.ops.ray_runtime import choose_serve_proxy
 
         choose_serve_proxy(proxy)
-    info = serve_app.start(model_uri, host, port, config)
+    try:
+        info = serve_app.start(model_uri, host, port, config)
+    except KeyboardInterrupt:  # Ctrl-C stops while starting too (the API may answer before start() returns)
+        typer.echo("stopping...", err=True)
+        serve_app.stop()
+        return
     address = f"http://{host or '127.0.0.1'}:{port or 8000}"
     typer.echo(f"serving {info['name'] or 'bundle'} version {info['version']} ({info['model']}) at {address} "
                f"(API docs at {address}/docs); Ctrl-C stops")

@@ -13,6 +13,8 @@ cluster, `serve deploy serve/config.yaml` (import path `fusionrec.serve.app:buil
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from pathlib import Path
 
@@ -36,17 +38,25 @@ def _torch_threads(threads: int) -> None:
 
 @serve.deployment(name="Encoder", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8)
 class EncoderDeployment:
-    def __init__(self, cache: str | None, threads: int = 1):
+    async def __init__(self, cache: str | None, threads: int = 1):
         _torch_threads(threads)
         from fusionrec.serve.encoding import PayloadEncoder
 
         self.encoder = PayloadEncoder(Path(cache) if cache else None)
+        # Load the encoders the served model needs before this replica takes requests: one added
+        # under load otherwise loaded them with its first request, which, and every request queued
+        # behind it, then waited seconds (up to 7 s in benchmarks/serve_load.py).
+        info = await serve.get_deployment_handle("Ranker", APP_NAME).info.remote()
+        await asyncio.to_thread(self.encoder.ready, info["user_encoders"])
 
     def encode(self, encoders: dict, text: str | None, image: bytes | None) -> dict:
         return self.encoder.answer(encoders, text, image)
 
     def ready(self, encoders: dict) -> str | None:
         return self.encoder.ready(encoders)
+
+    def loaded(self) -> list[dict]:
+        return self.encoder.loaded()
 
 
 async def _once_more_if_replica_died(method, *args):
@@ -158,9 +168,7 @@ def start(model_uri: str | None = None, host: str | None = None, port: int | Non
     serve.start(http_options=http)
     serve.run(application(args, settings["deployments"]), name=APP_NAME, route_prefix="/",  # returns once healthy
               logging_config=settings["logging"])
-    info = serve.get_deployment_handle("Ranker", APP_NAME).info.remote().result()
-    serve.get_deployment_handle("Encoder", APP_NAME).ready.remote(info["user_encoders"])  # ahead of the first new user
-    return info
+    return serve.get_deployment_handle("Ranker", APP_NAME).info.remote().result()
 
 
 def running_replicas(deployment: str) -> int:
@@ -172,5 +180,12 @@ def running_replicas(deployment: str) -> int:
 
 
 def stop() -> None:
-    serve.delete(APP_NAME)
+    """Remove the application and Serve; whatever of them has started (Ctrl-C may come while starting)."""
+    import ray
+    from ray.serve.exceptions import RayServeException
+
+    if not ray.is_initialized():  # serve.delete() would start a Ray to look in
+        return
+    with contextlib.suppress(RayServeException):  # Serve never started
+        serve.delete(APP_NAME)
     serve.shutdown()

@@ -62,6 +62,10 @@ class PayloadEncoder:
         self._loaded[key] = encoder
         return encoder
 
+    def loaded(self) -> list[dict]:
+        """The specs of the encoders loaded so far."""
+        return [json.loads(key) for key in self._loaded]
+
     def ready(self, encoders: dict[str, dict | None]) -> str | None:
         """Load the encoders a new user's content needs (if not yet); None when all are loaded,
         else why one cannot be."""
