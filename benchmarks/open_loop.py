@@ -7,9 +7,10 @@ not send on time (because the machine was busy) is charged for the wait too, and
 how far behind the schedule the sender fell.
 
     .venv/bin/python benchmarks/open_loop.py http://127.0.0.1:8000 --requests requests.json \\
-        --rate 50 --seconds 20 --out rows.json
+        (--rate 50 --seconds 20 | --schedule times.json) [--connections N] --out rows.json
 
-requests.json is a list of [path, body] pairs, sent in turn. rows.json (written at the end, via a
+requests.json is a list of [path, body] pairs, sent in turn; times.json, if given, the send times
+(s from the start) instead of evenly spaced ones at --rate for --seconds. rows.json (written at the end, via a
 temporary file) holds one [scheduled s, latency s, status] row per request (status 0: no
 answer); the last line printed is a JSON summary, with `started_at`, the schedule's start on
 time.monotonic() (on Linux one clock for every process, so another process can place its own
@@ -22,6 +23,9 @@ import asyncio
 import json
 import os
 import random
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
@@ -81,6 +85,25 @@ async def open_loop(requests: list[tuple[str, dict]], times: list[float], connec
     return rows, lag, start
 
 
+def open_loop_apart(base: str, requests: list[tuple[str, dict]], times: list[float], connections: int = 0,
+                    timeout_s: float = 60.0) -> tuple[list[tuple[float, float, int]], float]:
+    """open_loop() in a process of its own (this file's CLI): requests are (path, body) pairs sent to
+    `base`. In the caller's process a busy thread (sampling serve.status(), say), or a Ray driver's,
+    would hold the GIL the sender needs, and charge its waits to the server. Returns the rows and
+    the largest lag (s)."""
+    with tempfile.TemporaryDirectory() as folder:
+        files = {name: Path(folder) / f"{name}.json" for name in ("requests", "schedule", "rows")}
+        files["requests"].write_text(json.dumps(requests))
+        files["schedule"].write_text(json.dumps(times))
+        done = subprocess.run([sys.executable, __file__, base, "--requests", str(files["requests"]),
+                               "--schedule", str(files["schedule"]), "--connections", str(connections),
+                               "--timeout-s", str(timeout_s), "--out", str(files["rows"])],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"the load generator failed: {done.stderr.strip()[-2000:]}")
+        return json.loads(files["rows"].read_text()), json.loads(done.stdout.splitlines()[-1])["lag_ms"] / 1000
+
+
 def percentiles(latency_s: list[float]) -> dict:
     """p50 / p95 / p99 of latencies in seconds, as milliseconds."""
     ms = np.array(latency_s) * 1000
@@ -98,14 +121,23 @@ def summary(rows: list[tuple[float, float, int]], seconds: float) -> dict:
 
 def main(base: str,
          requests: Annotated[Path, typer.Option(help="JSON list of [path, body] pairs, sent in turn.")],
-         rate: Annotated[float, typer.Option(help="Requests per second.")],
-         seconds: Annotated[float, typer.Option(help="How long to send.")],
+         rate: Annotated[float, typer.Option(help="Requests per second.")] = 0.0,
+         seconds: Annotated[float, typer.Option(help="How long to send.")] = 0.0,
+         schedule_file: Annotated[Path | None, typer.Option(
+             "--schedule", help="JSON list of send times (s from the start), instead of --rate/--seconds.")] = None,
+         connections: Annotated[int, typer.Option(help="Most connections at once (0: no limit).")] = 0,
          out: Annotated[Path | None, typer.Option(help="Where to write every request's row (JSON).")] = None,
          timeout_s: float = 60.0) -> None:
+    if schedule_file is not None:
+        times = json.loads(schedule_file.read_text())
+        seconds = seconds or (times[-1] if times else 0.0)
+    elif rate > 0 and seconds > 0:
+        times = schedule(rate, seconds)
+    else:
+        raise typer.BadParameter("give --rate and --seconds, or --schedule")
     pairs = [(base.rstrip("/") + path, body) for path, body in json.loads(requests.read_text())]
-    times = schedule(rate, seconds)
     rows, lag, start = asyncio.run(open_loop([pairs[n % len(pairs)] for n in range(len(times))], times,
-                                             timeout_s=timeout_s))
+                                             connections, timeout_s))
     if out is not None:
         partial = out.with_name(f".{out.name}.partial")
         partial.write_text(json.dumps(rows))

@@ -15,8 +15,9 @@ Per server, plain first (its saturation rate sets the offered loads), then Serve
   3. open loop at 25 / 50 / 75 % of PLAIN's saturation rate, --seconds s each: a seeded schedule
      (--arrivals poisson|uniform; the same schedule and requests for both servers), each request
      launched at its time whatever earlier answers did (asyncio tasks, one aiohttp session, up to
-     --connections connections); latency = finish - scheduled time, so waiting in the client counts
-     (no coordinated omission). p50/p95/p99 over every request (a timeout counts at its timeout);
+     --connections connections, in a process of its own: open_loop.py); latency = finish -
+     scheduled time, so waiting in the client counts (no coordinated omission). p50/p95/p99 over
+     every request, and per kind of request (a timeout counts at its timeout);
      errors: non-2xx or no answer; achieved: 2xx / (last answer - start); lag_ms: how far the
      generator fell behind its schedule (a saturated client shows there).
 Serve's running ranker replicas are sampled (serve.status()) every second of phases 2 and 3.
@@ -45,7 +46,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from open_loop import open_loop, percentiles, post, schedule, session_for
+from open_loop import open_loop_apart, percentiles, post, schedule, session_for
 
 TEXTS = ["I love linen summer dresses for the beach", "silk evening gowns in deep colours",
          "comfortable cotton for work, nothing flashy", "bold floral prints for weddings"]
@@ -148,6 +149,15 @@ async def one_client(base: str, users: list[str], n: int) -> list[float]:
     return latencies
 
 
+def by_route(requests: list[tuple[str, dict]], rows: list[tuple[float, float, int]]) -> dict:
+    """p50/p95/p99 per kind of request: known-user /recommend, new-user /recommend, /predict."""
+    kinds: dict[str, list[float]] = collections.defaultdict(list)
+    for (path, body), row in zip(requests, rows, strict=True):
+        kind = path.rsplit("/", 1)[-1] + ("" if "user_id" in body else " new user")
+        kinds[kind].append(row[1])
+    return {kind: percentiles(latencies) for kind, latencies in sorted(kinds.items())}
+
+
 def ranker_replicas() -> int:
     from fusionrec.serve.app import running_replicas
 
@@ -202,20 +212,22 @@ def measure(name: str, base: str, opt: dict, known: list[str], item_ids: list[st
     for fraction, rate in zip(FRACTIONS, rates, strict=True):
         rng = random.Random(opt["seed"] * 1000 + round(fraction * 100))
         times = schedule(rate, opt["seconds"], opt["arrivals"], rng)
-        reqs = requests_for(base, opt["mix"], known, item_ids, len(times), rng)
+        reqs = requests_for("", opt["mix"], known, item_ids, len(times), rng)
         time.sleep(opt["settle"])
-        (rows, lag, _), replicas = asyncio.run(watching(
-            open_loop(reqs, times, opt["connections"], opt["timeout"]), watch))
+        (rows, lag), replicas = asyncio.run(watching(asyncio.to_thread(
+            open_loop_apart, base, reqs, times, opt["connections"], opt["timeout"]), watch))
         ok = sum(200 <= r[2] < 300 for r in rows)
         load = {"fraction": fraction, "offered_per_s": round(rate, 1), "sent": len(rows),
                 "achieved_per_s": round(ok / max(opt["seconds"], max((r[0] + r[1] for r in rows), default=0)), 1),
                 **percentiles([r[1] for r in rows] or [0.0]), "errors": len(rows) - ok,
-                "lag_ms": round(lag * 1000, 1), "replicas": replicas}
+                "lag_ms": round(lag * 1000, 1), "replicas": replicas, "by_route": by_route(reqs, rows)}
         result["loads"].append(load)
         print(f"{name}: {fraction:.0%} = {rate:.1f} req/s offered, {load['achieved_per_s']} achieved: "
               f"p50 {load['p50_ms']} ms, p95 {load['p95_ms']} ms, p99 {load['p99_ms']} ms, "
               f"errors {load['errors']}/{len(rows)}, generator lag {load['lag_ms']} ms"
               + (f", ranker replicas {replicas}" if watch else ""), flush=True)
+        print(f"{name}:   p99 by request: " + ", ".join(f"{kind} {p['p99_ms']} ms"
+                                                        for kind, p in load["by_route"].items()), flush=True)
     if "saturation_per_s" not in result:
         time.sleep(opt["settle"])
         saturate()
@@ -296,9 +308,8 @@ def main(seconds: float = 30, warmup: float = 10, clients: int = 32, mix: str = 
         plain = measure("plain", plain_base, opt, known, item_ids, None, watch=False)
 
     info = serve_app.start(port=port, config=Path(__file__).parent.parent / "serve" / "config.yaml")
-    # Ready as plain was: /healthz answers 200 once the Encoder has loaded the text encoder, which
-    # start() only asks it to begin; measuring before then times that load too (a one-client p50 of
-    # 13 ms where 8-10 ms were measured after it).
+    # Ready as plain was: /healthz answers 200 (start() returns once every replica is up, and an
+    # Encoder replica is up once it has loaded the model's encoders, so this should pass at once).
     wait_until_up(f"http://127.0.0.1:{port}")
     print(f"Ray Serve up: model version {info['version']}, {info['items']:,} items", flush=True)
     try:
