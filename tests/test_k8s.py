@@ -17,7 +17,8 @@ from fusionrec.ops.k8s import _kubectl_error
 
 REPO = Path(__file__).resolve().parents[1]
 PROBLEM = re.compile(r"^\S+: \S+: \S+: .+$")  # FILE: KIND/NAME: path.to.field: message
-RANKER_SCALING = "min_replicas: 1\n          max_replicas: 3"  # serve/config.yaml, the Ranker's bounds
+# The Ranker's bounds and target, in serve/config.yaml and the manifest (the Encoder's target is 2)
+RANKER_SCALING = "min_replicas: 1\n          max_replicas: 2\n          target_ongoing_requests: 1"
 
 runner = CliRunner()
 
@@ -118,7 +119,7 @@ def test_render_then_validate(tree):
     """render rewrites only the serveConfigV2 block, from the Serve config it is given."""
     manifest = tree / "k8s" / "base" / "rayservice.yaml"
     before = manifest.read_text()
-    edit(tree / "serve.yaml", RANKER_SCALING, RANKER_SCALING.replace("3", "5"))
+    edit(tree / "serve.yaml", RANKER_SCALING, RANKER_SCALING.replace("max_replicas: 2", "max_replicas: 5"))
     result = k8s("render", tree)
     assert result.exit_code == 0 and result.stdout.startswith(f"rendered {manifest}"), result.output
     after = manifest.read_text()
@@ -134,19 +135,20 @@ def test_render_then_validate(tree):
 
 def test_drift_from_serve_config(tree):
     """serve/config.yaml edited without `fusionrec k8s render`: the base and both overlays are stale."""
-    edit(tree / "serve.yaml", RANKER_SCALING, RANKER_SCALING.replace("3", "5"))
+    edit(tree / "serve.yaml", RANKER_SCALING, RANKER_SCALING.replace("max_replicas: 2", "max_replicas: 5"))
     assert problems(tree) == [
         f"{tree / 'k8s' / file}: RayService/fusionrec: spec.serveConfigV2.applications[0].deployments[1]"
-        f".autoscaling_config.max_replicas: differs from {tree / 'serve.yaml'} (3 here, 5 rendered): "
+        f".autoscaling_config.max_replicas: differs from {tree / 'serve.yaml'} (2 here, 5 rendered): "
         "run `fusionrec k8s render`"
         for file in ("base/rayservice.yaml", "overlays/dev/kustomization.yaml", "overlays/prod/kustomization.yaml")]
 
 
 def test_drift_in_the_manifest(tree):
     """A hand edit of the generated block fails too, in the base and in every overlay built on it."""
-    edit(tree / "k8s" / "base" / "rayservice.yaml", "max_replicas: 3", "max_replicas: 4")
+    edit(tree / "k8s" / "base" / "rayservice.yaml", RANKER_SCALING,
+         RANKER_SCALING.replace("max_replicas: 2", "max_replicas: 4"))
     lines = problems(tree)
-    assert len(lines) == 3 and all("differs from" in line and "(4 here, 3 rendered)" in line for line in lines)
+    assert len(lines) == 3 and all("differs from" in line and "(4 here, 2 rendered)" in line for line in lines)
     assert {line.split(": ")[0] for line in lines} == {
         str(tree / "k8s" / path) for path in ("base/rayservice.yaml", "overlays/dev/kustomization.yaml",
                                               "overlays/prod/kustomization.yaml")}
@@ -155,8 +157,8 @@ def test_drift_in_the_manifest(tree):
 @pytest.mark.parametrize("old, new, expected", [
     ("name: Ranker", "name: Rankr", "spec.serveConfigV2.applications[0].deployments[1].name: unknown deployment "
                                     "'Rankr': application fusionrec.serve.app:build has Ranker, Encoder"),
-    (RANKER_SCALING, RANKER_SCALING.replace("1", "4"), "spec.serveConfigV2.applications[0].deployments[1]"
-                                                       ".autoscaling_config: Value error, max_replicas (3) must be "
+    (RANKER_SCALING, RANKER_SCALING.replace("min_replicas: 1", "min_replicas: 4"),
+     "spec.serveConfigV2.applications[0].deployments[1].autoscaling_config: Value error, max_replicas (2) must be "
                                                        "greater than or equal to min_replicas (4)!"),
     ("upscale_delay_s: 1", "upscale_delay: 1", "spec.serveConfigV2.applications[0].deployments[1]"
                                                ".autoscaling_config.upscale_delay: unknown field "
