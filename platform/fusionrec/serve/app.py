@@ -18,9 +18,11 @@ import contextlib
 import os
 from pathlib import Path
 
+import ray
 import yaml
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from fusionrec.registry import CHAMPION_URI
@@ -181,9 +183,6 @@ def running_replicas(deployment: str) -> int:
 
 def stop() -> None:
     """Remove the application and Serve; whatever of them has started (Ctrl-C may come while starting)."""
-    import ray
-    from ray.serve.exceptions import RayServeException
-
     if not ray.is_initialized():  # serve.delete() would start a Ray to look in
         return
     with contextlib.suppress(RayServeException):  # Serve never started
