@@ -7,7 +7,7 @@ Inside a Ray job RAY_ADDRESS is set, so the fits (Tune trials) spread over that 
 
 import sys
 
-from fusionrec.cli import app
+from fusionrec.cli import run
 
 if __name__ == "__main__":
-    app(["ablate", *sys.argv[1:]])
+    run(["ablate", *sys.argv[1:]])

@@ -7,7 +7,7 @@ Inside a Ray job RAY_ADDRESS is set, so the pipeline joins that cluster instead 
 
 import sys
 
-from fusionrec.cli import app
+from fusionrec.cli import run
 
 if __name__ == "__main__":
-    app(["encode", *sys.argv[1:]])
+    run(["encode", *sys.argv[1:]])

@@ -7,7 +7,7 @@ Inside a Ray job RAY_ADDRESS is set, so the TorchTrainer runs its workers on tha
 
 import sys
 
-from fusionrec.cli import app
+from fusionrec.cli import run
 
 if __name__ == "__main__":
-    app(["train", *sys.argv[1:]])
+    run(["train", *sys.argv[1:]])

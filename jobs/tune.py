@@ -7,7 +7,7 @@ Inside a Ray job RAY_ADDRESS is set, so the trials spread over that cluster's no
 
 import sys
 
-from fusionrec.cli import app
+from fusionrec.cli import run
 
 if __name__ == "__main__":
-    app(["tune", *sys.argv[1:]])
+    run(["tune", *sys.argv[1:]])

@@ -158,6 +158,32 @@ def test_job_errors_name_the_job_or_the_cluster(monkeypatch, free_port):
     fails_in_one_line(["job", "list"], "Failed to connect to Ray at address: http://127.0.0.1:")
 
 
+USAGE_MISTAKES = [
+    (["train", "--epochs", "ten"], "error: Invalid value for '--epochs'", "fusionrec train --help"),
+    (["trian"], "error: No such command 'trian'.", "fusionrec --help"),
+    (["runs", "--bogus"], "error: No such option: --bogus", "fusionrec runs --help"),
+    (["promote"], "error: Missing option '--version'.", "fusionrec promote --help"),
+    (["data", "synth", "--users"], "error: Option '--users' requires an argument.", ""),  # no command known here
+]
+
+
+@pytest.mark.parametrize("args, expected, see", USAGE_MISTAKES, ids=[" ".join(a) for a, _, _ in USAGE_MISTAKES])
+def test_a_usage_mistake_is_one_line_from_the_installed_command(args, expected, see):
+    """Click answers these itself, before any command runs, with a usage box: the console script
+    turns them into one line, exit 2 (as click does), naming what is wrong and where help is."""
+    fusionrec = str(Path(sys.executable).parent / "fusionrec")
+    result = subprocess.run([fusionrec, *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == "", result
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(expected) and see in result.stderr, result.stderr
+
+
+def test_the_command_alone_prints_its_help():
+    fusionrec = str(Path(sys.executable).parent / "fusionrec")
+    result = subprocess.run([fusionrec, "data"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "synth" in result.stdout and result.stderr == "", result
+
+
 def test_serve_proxy_is_chosen_only_for_a_local_ray(monkeypatch):
     fails_in_one_line(["serve", "--proxy", "nginx"], "--proxy: 'nginx' is not one of haproxy, python")
     monkeypatch.setenv("RAY_ADDRESS", "ray://somewhere:10001")  # its nodes' environment decides, not ours

@@ -4,9 +4,11 @@ input into a one-line error and exit code 1 (cli.base.friendly_errors)."""
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
+from typer._click import exceptions as usage  # typer 0.29 carries its own click; no public name for these
 
 from fusionrec import __version__
 from fusionrec.cli import cluster, data, evaluation, k8s, models, search, serving, training
@@ -48,3 +50,21 @@ app.add_typer(models.app, name="models")
 app.add_typer(cluster.cluster_app, name="cluster")
 app.add_typer(cluster.job_app, name="job")
 app.add_typer(k8s.app, name="k8s")
+
+
+def run(args: list[str] | None = None) -> None:
+    """The `fusionrec` console script (and the jobs' entry, given `args`): `app`, with a usage
+    mistake (an unknown command or option, a value of the wrong type, a missing argument) told in
+    one line and exit 2, as any other bad input is, where click would draw its usage box."""
+    try:
+        code = typer.main.get_command(app).main(args, prog_name="fusionrec", standalone_mode=False)
+    except usage.NoArgsIsHelpError as exc:  # `fusionrec` or a group alone: typer has printed its help
+        sys.exit(exc.exit_code)
+    except usage.UsageError as exc:
+        see = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
+        typer.echo(f"error: {exc.format_message()}{see}", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:  # Ctrl-C where a command does not handle it (click's own exit code)
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

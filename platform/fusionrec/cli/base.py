@@ -30,8 +30,8 @@ def fail(message: str, details: Sequence[str] = ()) -> None:
 
 
 def at_least(minimum: int) -> Callable[[typer.CallbackParam, int], int]:
-    """An option's lower bound, checked as bad input (one line, exit 1); typer's own `min=` answers
-    with a usage box and exit 2."""
+    """An option's lower bound, checked as bad input (exit 1, with a message saying what the least
+    is); typer's own `min=` would answer as a usage mistake, exit 2."""
 
     def check(param: typer.CallbackParam, value: int) -> int:
         if value < minimum:
