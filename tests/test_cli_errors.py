@@ -17,7 +17,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from conftest import make_dataset
+from conftest import fusionrec, make_dataset
 from fusionrec.cli import app
 from fusionrec.cli.base import friendly_errors
 
@@ -171,16 +171,14 @@ USAGE_MISTAKES = [
 def test_a_usage_mistake_is_one_line_from_the_installed_command(args, expected, see):
     """Click answers these itself, before any command runs, with a usage box: the console script
     turns them into one line, exit 2 (as click does), naming what is wrong and where help is."""
-    fusionrec = str(Path(sys.executable).parent / "fusionrec")
-    result = subprocess.run([fusionrec, *args], capture_output=True, text=True, timeout=60)
+    result = fusionrec(dict(os.environ), *args, timeout=60)
     assert result.returncode == 2 and result.stdout == "", result
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert result.stderr.startswith(expected) and see in result.stderr, result.stderr
 
 
 def test_the_command_alone_prints_its_help():
-    fusionrec = str(Path(sys.executable).parent / "fusionrec")
-    result = subprocess.run([fusionrec, "data"], capture_output=True, text=True, timeout=60)
+    result = fusionrec(dict(os.environ), "data", timeout=60)
     assert result.returncode == 2 and "synth" in result.stdout and result.stderr == "", result
 
 
