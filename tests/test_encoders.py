@@ -117,10 +117,37 @@ def test_the_service_encodes_a_new_user_as_the_feature_table_was_encoded(tiny_mo
     spec = {"encoder": "tiny-bert", "model": str(tiny_models["bert"]), "kind": "text", "pooling": "mean",
             "chunks": "sentence", "chunk_pooling": chunk_pooling}  # the metadata `fusionrec encode` records
     service = PayloadEncoder(cache=tmp_path)
-    served = service.encode({"text": spec}, text, None)["text"]
+    served = service.answer({"text": spec}, text, None)["vectors"]["text"]
     chunked = TextEncoder(str(tiny_models["bert"]), pooling="mean", chunks="sentence", chunk_pooling=chunk_pooling)
     assert served.shape == (chunked.dim,) and np.allclose(served, chunked.encode([text])[0], atol=1e-5)
     # a table written before chunking existed records no chunks: its texts were read whole
     older = {k: v for k, v in spec.items() if k not in ("chunks", "chunk_pooling")}
     whole = TextEncoder(str(tiny_models["bert"]), pooling="mean").encode([text])[0]
-    assert np.allclose(service.encode({"text": older}, text, None)["text"], whole, atol=1e-5)
+    assert np.allclose(service.answer({"text": older}, text, None)["vectors"]["text"], whole, atol=1e-5)
+
+
+def test_the_service_encodes_calls_together_as_it_would_one_by_one(tiny_models, tmp_path):
+    import io
+
+    from fusionrec.serve.encoding import PayloadEncoder
+
+    text = {"encoder": "tiny-bert", "model": str(tiny_models["bert"]), "kind": "text", "pooling": "mean",
+            "chunks": "sentence", "chunk_pooling": "mean"}
+    image = {"encoder": "tiny-vit", "model": str(tiny_models["vit"]), "kind": "image", "pooling": "cls",
+             "image_size": 32}
+    missing = {**text, "encoder": "gone", "model": str(tmp_path / "nothing-here")}
+    png = io.BytesIO()
+    images()[0].save(png, format="PNG")
+    calls = [({"text": text, "image": image}, "I love silk. I shop for weddings.", png.getvalue()),
+             ({"text": missing, "image": None}, "sturdy denim", None),  # its encoder cannot load: 503, alone
+             ({"text": text, "image": None}, TEXTS[1], None),
+             ({"text": text, "image": image}, None, None),  # nothing to encode
+             ({"text": None, "image": image}, "a text the model does not read", png.getvalue())]
+    together = PayloadEncoder(cache=tmp_path).answer_many(calls)
+    alone = [PayloadEncoder(cache=tmp_path).answer(*call) for call in calls]
+    assert [r["status"] for r in together] == [r["status"] for r in alone] == [200, 503, 200, 200, 200]
+    assert "'gone' cannot be loaded" in together[1]["error"]
+    assert [sorted(r.get("vectors", {})) for r in together] == [["image", "text"], [], ["text"], [], ["image"]]
+    for t, a in zip(together, alone, strict=True):
+        for kind, vector in t.get("vectors", {}).items():
+            assert np.allclose(vector, a["vectors"][kind], atol=1e-5)

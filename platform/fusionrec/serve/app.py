@@ -51,8 +51,16 @@ class EncoderDeployment:
         info = await serve.get_deployment_handle("Ranker", APP_NAME).info.remote()
         await asyncio.to_thread(self.encoder.ready, info["user_encoders"])
 
-    def encode(self, encoders: dict, text: str | None, image: bytes | None) -> dict:
-        return self.encoder.answer(encoders, text, image)
+    async def encode(self, encoders: dict, text: str | None, image: bytes | None) -> dict:
+        return await self._encode_together((encoders, text, image))
+
+    # Calls that arrive while a batch is being encoded wait, and go through the model together next
+    # (no wait is added for more: at low load a call goes alone). On a CPU, 4 texts through MiniLM
+    # take 21 ms together against 56 ms one after another (PayloadEncoder.answer_many).
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0)
+    async def _encode_together(self, calls: list[tuple[dict, str | None, bytes | None]]) -> list[dict]:
+        # In a thread: the replica's event loop meanwhile takes the calls that make the next batch.
+        return await asyncio.to_thread(self.encoder.answer_many, calls)
 
     def ready(self, encoders: dict) -> str | None:
         return self.encoder.ready(encoders)
