@@ -28,6 +28,11 @@ class EncoderUnavailable(Exception):
     """An encoder the model needs cannot be loaded where the service runs (the message says which, and why)."""
 
 
+def spec_key(spec: dict) -> str:
+    """An encoder spec as text: one loaded encoder per key, and the calls batched together share it."""
+    return json.dumps(spec, sort_keys=True)
+
+
 class PayloadEncoder:
     def __init__(self, cache: Path | None = None):
         self.cache = Path(cache) if cache else state_folder() / "models"
@@ -36,7 +41,7 @@ class PayloadEncoder:
         self._loading = threading.Lock()
 
     def _encoder(self, spec: dict) -> Encoder:
-        key = json.dumps(spec, sort_keys=True)
+        key = spec_key(spec)
         with self._loading:
             return self._loaded[key] if key in self._loaded else self._load(key, spec)
 
@@ -90,7 +95,7 @@ class PayloadEncoder:
             for n, (encoders, text, image) in enumerate(calls):
                 given = text if kind == "text" else image
                 if given is not None and encoders.get(kind) and results[n]["status"] == 200:
-                    wanted.setdefault(json.dumps(encoders[kind], sort_keys=True), []).append(n)
+                    wanted.setdefault(spec_key(encoders[kind]), []).append(n)
             for members in wanted.values():
                 try:
                     encoder = self._encoder(calls[members[0]][0][kind])
