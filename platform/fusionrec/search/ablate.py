@@ -23,7 +23,7 @@ from fusionrec.data.io import atomic_file
 from fusionrec.data.splits import cold_start_split, kfold
 from fusionrec.evaluate import candidate
 from fusionrec.search.space import with_settings
-from fusionrec.search.trial import TrialProgress, fit_in_trial, quiet_tune
+from fusionrec.search.trial import TrialProgress, fit_closing, fit_in_trial, quiet_tune, restore_tuner
 from fusionrec.training.config import TrainConfig
 from fusionrec.training.data import loop_data, prepare
 
@@ -214,9 +214,7 @@ def ablate(dataset: str, features: str | None, folds: int = 5, epochs: int = 10,
                              base=base, threads=max(1, int(cpus_per_trial)), scoring=scoring),
         trial_resources(cpus_per_trial))
     if folder:
-        if not tune.Tuner.can_restore(str(folder)):
-            raise ValueError(f"{folder}: no Tune state to resume from")
-        tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = restore_tuner(folder, trainable, resume_unfinished=True, resume_errored=True)
     else:
         folder = state_folder() / "ablate" / f"ablate-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         tuner = tune.Tuner(
@@ -228,11 +226,7 @@ def ablate(dataset: str, features: str | None, folds: int = 5, epochs: int = 10,
                                       callbacks=[callback] if callback else None))
         folder.mkdir(parents=True, exist_ok=True)
         (folder / RECORD).write_text(json.dumps(settings))
-    try:
-        grid = tuner.fit()
-    finally:
-        if callback:
-            callback.close()
+    grid = fit_closing(tuner, callback)
     failed = [r for r in grid if r.error]
     if failed:
         raise RuntimeError(f"{len(failed)} of {total} fits failed, e.g. {failed[0].config}: "

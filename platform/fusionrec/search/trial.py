@@ -145,6 +145,25 @@ class TrialProgress:
         return _Progress()
 
 
+def restore_tuner(folder: Path, trainable, **options):
+    """The Tune experiment saved in `folder`, to go on with (`Tuner.restore` with `options`), or a
+    one-line error if there is none."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(str(folder)):
+        raise ValueError(f"{folder}: no Tune state to resume from")
+    return tune.Tuner.restore(str(folder), trainable=trainable, **options)
+
+
+def fit_closing(tuner, progress: TrialProgress | None):
+    """`tuner.fit()`'s ResultGrid; the progress bar is closed however the fit ends (Ctrl-C included)."""
+    try:
+        return tuner.fit()
+    finally:
+        if progress:
+            progress.close()
+
+
 def describe_trial(metric: str, epochs: int) -> Callable[[object, str], str]:
     def describe(trial, state: str) -> str:
         result = trial.last_result or {}

@@ -38,7 +38,7 @@ from fusionrec.config import state_folder
 from fusionrec.data.io import atomic_file
 from fusionrec.search.board import confirmation_candidates, leaderboard, seed_spread, versus_defaults
 from fusionrec.search.space import SearchSpace, with_settings
-from fusionrec.search.trial import TrialProgress, describe_trial, quiet_tune, run_trial
+from fusionrec.search.trial import TrialProgress, describe_trial, fit_closing, quiet_tune, restore_tuner, run_trial
 from fusionrec.training.config import TrainConfig
 from fusionrec.training.data import loop_data
 from fusionrec.training.engine import load_state, new_model
@@ -153,9 +153,7 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
     run_config = tune.RunConfig(name=folder.name, storage_path=str(folder.parent), verbose=0,
                                 callbacks=[callback] if callback else None)
     if resume:
-        if not tune.Tuner.can_restore(str(folder)):
-            raise ValueError(f"{folder}: no Tune state to resume from")
-        tuner = tune.Tuner.restore(str(folder), trainable=trainable(), resume_unfinished=True)
+        tuner = restore_tuner(folder, trainable(), resume_unfinished=True)
     else:
         # Today's defaults are the first trial (one of --trials), so the selected trial never validates
         # worse than `fusionrec train` with no flags. Random search is Optuna's random sampler too:
@@ -177,11 +175,7 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
                                                        time_budget_s=time_budget_s))
         folder.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"parent_run_id": parent_id, "space": str(space.path), "base": base}))
-    try:
-        grid = tuner.fit()
-    finally:
-        if callback:
-            callback.close()
+    grid = fit_closing(tuner, callback)
     if time_budget_s is None and grid.num_terminated + grid.num_errors < trials:
         raise KeyboardInterrupt(f"search interrupted after {grid.num_terminated} of {trials} trials; "
                                 f"continue it with --resume ({folder})")
@@ -267,11 +261,7 @@ def _confirm_on_seeds(trainable, settings: dict[str, dict], seeds: list[int], fo
                        run_config=tune.RunConfig(name="confirm", storage_path=str(folder), verbose=0,
                                                  callbacks=[callback] if callback else None),
                        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True))
-    try:
-        confirmations = tuner.fit()
-    finally:
-        if callback:
-            callback.close()
+    confirmations = fit_closing(tuner, callback)
     if confirmations.num_terminated + confirmations.num_errors < len(settings) * len(seeds):
         raise KeyboardInterrupt(f"search interrupted while confirming the best trials on more seeds; --resume "
                                 f"redoes that round ({folder})")
