@@ -340,18 +340,17 @@ def main(seconds: float = 30, warmup: float = 10, clients: int = 32, mix: str = 
         runs.append(compare(opt, known, item_ids, port))
         print(f"Serve / plain: saturation {runs[-1]['saturation_ratio']:.2f}, "
               f"p99 at 50 % {runs[-1]['p99_ratio_at_50pct']:.2f}", flush=True)
-    ratio = statistics.median(r["saturation_ratio"] for r in runs)
-    p99_ratio = statistics.median(r["p99_ratio_at_50pct"] for r in runs)
+    ratios = {key: [r[key] for r in runs] for key in ("saturation_ratio", "p99_ratio_at_50pct")}
+    ratio, p99_ratio = (statistics.median(values) for values in ratios.values())
     one_client = statistics.median(r["serve"]["one_client"]["p50_ms"] for r in runs)
     shown = sorted(runs, key=lambda r: r["p99_ratio_at_50pct"])[(len(runs) - 1) // 2]  # the median run's curves
     path = (plot or home / "serve_load.png").resolve()
     draw({"plain": shown["plain"], "serve": shown["serve"]},
          f"{len(item_ids):,} items, mix {mix}, {arrivals} arrivals, {seconds:g} s a load", path)
     print(f"plot: {path}")
-    spread = (f" (over {repeats}: saturation {min(r['saturation_ratio'] for r in runs):.2f}-"
-              f"{max(r['saturation_ratio'] for r in runs):.2f}, p99 at 50 % "
-              f"{min(r['p99_ratio_at_50pct'] for r in runs):.2f}-{max(r['p99_ratio_at_50pct'] for r in runs):.2f})"
-              if repeats > 1 else "")
+    low, high = ({key: f(values) for key, values in ratios.items()} for f in (min, max))
+    spread = (f" (over {repeats}: saturation {low['saturation_ratio']:.2f}-{high['saturation_ratio']:.2f}, "
+              f"p99 at 50 % {low['p99_ratio_at_50pct']:.2f}-{high['p99_ratio_at_50pct']:.2f})" if repeats > 1 else "")
     print(f"Serve / plain{', median' if repeats > 1 else ''}: saturation {ratio:.2f} (target >= 0.6), "
           f"p99 at 50 % {p99_ratio:.2f} (target <= 1.5); 1-client p50 Serve {one_client} ms "
           f"(target <= 10 at 10,000 items){spread}", flush=True)
