@@ -14,6 +14,7 @@ from fusionrec.models.config import MODELS, NO_GRADIENT, VARIANTS, ModelConfig
 from fusionrec.models.content import StructuredEncoder, bag_of_words, build_side
 from fusionrec.models.factory import BUILDERS, build_model
 from fusionrec.models.layers import Codebooks, SetPooling, set_mean
+from fusionrec.training.config import TrainConfig
 
 
 def sides(n_users=6, n_items=5):
@@ -66,20 +67,23 @@ def test_every_model_scores_pairs_and_all_items(name):
 # parameters id_l2 decays. Content models have none.
 ID_TABLES = {"fusion": {(7, 32), (6, 32)}, "neumf": {(7, 32), (6, 32)}, "svd": {(7, 32), (6, 32)},
              "dnn": set(), "cnn": set(), "genre-pop": set(), "content-knn": set()}
+# The codebooks' logit weights (3 books x 8 codes, from 8-d text and image embeddings): the only
+# parameters code_l2 decays. Only FusionNeuMF has codebooks (NeuMF is its id-only variant).
+CODE_LOGITS = {"fusion": [(24, 8), (24, 8)]}
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_the_optimiser_decays_exactly_the_id_embeddings_the_model_names(name):
+def test_the_optimiser_decays_exactly_the_id_embeddings_and_code_logits_the_model_names(name):
     from fusionrec.training.engine import make_optimizer
 
     users, items = sides()
     model = build_model(users, items, ModelConfig(model=name, embedding_dim=32, global_mean=3.5))
-    decayed, rest = make_optimizer(model, lr=1e-3, id_l2=0.03).param_groups
-    assert (decayed["weight_decay"], rest["weight_decay"]) == (0.03, 0.0)
-    assert {tuple(p.shape) for p in decayed["params"]} == ID_TABLES[name]
-    assert len(decayed["params"]) == len(ID_TABLES[name])
+    ids, codes, rest = make_optimizer(model, TrainConfig(dataset="d", id_l2=0.03, code_l2=0.002)).param_groups
+    assert (ids["weight_decay"], codes["weight_decay"], rest["weight_decay"]) == (0.03, 0.002, 0.0)
+    assert sorted(tuple(p.shape) for p in ids["params"]) == sorted(ID_TABLES[name])
+    assert sorted(tuple(p.shape) for p in codes["params"]) == sorted(CODE_LOGITS.get(name, []))
     every = [id(p) for p in model.parameters()]
-    assert sorted(every) == sorted(id(p) for p in decayed["params"] + rest["params"])  # each in one group
+    assert sorted(every) == sorted(id(p) for p in ids["params"] + codes["params"] + rest["params"])  # each in one group
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -51,6 +51,9 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed for the split and the initialisation.")] = TrainConfig.seed,
     id_l2: Annotated[float | None, typer.Option(help="Weight decay on the id embeddings (default: 3e-2 for "
                                                      "rating, 1e-4 for implicit).")] = TrainConfig.id_l2,
+    code_l2: Annotated[float | None, typer.Option(help="Weight decay on FusionNeuMF's codebook logit weights "
+                                                       "(default: 1e-3 for rating, 0 for implicit).")]
+    = TrainConfig.code_l2,
     ema_decay: Annotated[float, typer.Option(help="Decay of the moving average of the weights that is validated "
                                                   "and kept (0: the weights as trained).")] = TrainConfig.ema_decay,
     register: Annotated[bool, typer.Option(help="Register in MLflow; champion moves only over a champion of the "
@@ -64,7 +67,8 @@ def train(
 
     flags = {"dataset": str(dataset) if dataset else None, "features": str(features) if features else None,
              "epochs": epochs, "batch_size": batch_size, "lr": lr, "objective": objective, "workers": workers,
-             "split": split, "seed": seed, "id_l2": id_l2, "ema_decay": ema_decay}
+             "split": split, "seed": seed, "id_l2": id_l2, "code_l2": code_l2,
+             "ema_decay": ema_decay}
     model_flags = {"model": model, "variant": variant, "mlp": _widths(mlp), "codebooks": codebooks}
     if config is None:
         settings = {**flags, "model": model_flags}

@@ -94,11 +94,18 @@ class Recommender(nn.Module):
         has them; each model names its own (as nanoGPT's `configure_optimizers` splits what decays)."""
         return []
 
-    def parameter_groups(self, id_l2: float) -> list[dict]:
-        """The optimiser's groups: the id embeddings with weight decay `id_l2`, every other parameter without."""
-        ids = {id(p) for p in self.id_embeddings()}
+    def code_logits(self) -> list[nn.Parameter]:
+        """The weight matrices that map content to the codebooks' logits: what training decays with
+        `code_l2`. None unless a model has codebooks."""
+        return []
+
+    def parameter_groups(self, id_l2: float, code_l2: float) -> list[dict]:
+        """The optimiser's groups: the id embeddings with weight decay `id_l2`, the codebooks' logit
+        weights with `code_l2`, every other parameter without."""
+        ids, codes = {id(p) for p in self.id_embeddings()}, {id(p) for p in self.code_logits()}
         return [{"params": [p for p in self.parameters() if id(p) in ids], "weight_decay": id_l2},
-                {"params": [p for p in self.parameters() if id(p) not in ids], "weight_decay": 0.0}]
+                {"params": [p for p in self.parameters() if id(p) in codes], "weight_decay": code_l2},
+                {"params": [p for p in self.parameters() if id(p) not in ids | codes], "weight_decay": 0.0}]
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return self.score(self.users.gather(users), self.items.gather(items))
@@ -256,6 +263,10 @@ class FusionNeuMF(Recommender):
 
     def id_embeddings(self) -> list[nn.Parameter]:
         return [self.user_tower.ids.weight, self.item_tower.ids.weight]
+
+    def code_logits(self) -> list[nn.Parameter]:
+        books = [m for m in self.modules() if isinstance(m, Codebooks)]  # shared by both towers: each once
+        return [p for book in books for p in book.logits.parameters() if p.dim() == 2]
 
     def expected_match(self) -> float:
         """What the codes add to a prediction at initialisation: each book that both sides have

@@ -40,7 +40,7 @@ def fit_in_trial(cfg: TrainConfig, data: LoopData, threads: int, device: torch.d
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     model = new_model(data, cfg).to(device)
-    optimizer = make_optimizer(model, cfg.lr, cfg.id_l2)
+    optimizer = make_optimizer(model, cfg)
     resume = None
     checkpoint = tune.get_checkpoint()
     if checkpoint:

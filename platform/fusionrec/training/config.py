@@ -22,6 +22,12 @@ ID_L2 = {"rating": 3e-2, "implicit": 1e-4}
 # What is validated and kept is an exponential moving average of the weights (WeightAverage), not
 # the last step's: on the 10 % shop it lowered validation MSE on every start tried (docs/quality.md).
 EMA_DECAY = 0.998
+# Default weight decay on the codebooks' logit weights (FusionNeuMF's `code_logits`), per objective.
+# Adam scales each weight's step by the size of its own gradient, so even a small decay acts on the
+# weights whose data gradient is small: the codes come to read only the directions of the embedding
+# that predict ratings. On the 10 % shop that removed most bad starts of the codes; on MovieLens
+# (implicit) it was level on warm items and worse on cold ones (validation: docs/quality.md, 2026-12-06).
+CODE_L2 = {"rating": 1e-3, "implicit": 0.0}
 
 
 @dataclass
@@ -35,6 +41,7 @@ class TrainConfig:
     batch_size: int = 256
     lr: float = 5e-3
     id_l2: float | None = None  # weight decay on id embeddings only (they overfit first); None = ID_L2[objective]
+    code_l2: float | None = None  # weight decay on the codebooks' logit weights; None = CODE_L2[objective]
     objective: str = "rating"
     negatives: int = 4
     workers: int = 1
@@ -47,6 +54,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.id_l2 is None:
             self.id_l2 = ID_L2.get(self.objective, ID_L2["rating"])
+        if self.code_l2 is None:
+            self.code_l2 = CODE_L2.get(self.objective, CODE_L2["rating"])
         self.check()
 
     def check(self) -> None:
@@ -59,8 +68,9 @@ class TrainConfig:
             raise ValueError(f"unknown objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
         if self.epochs < 1 or self.batch_size < 1 or self.workers < 1 or self.lr <= 0:
             raise ValueError("--epochs, --batch-size and --workers must be at least 1 and --lr positive")
-        if self.id_l2 < 0:
-            raise ValueError(f"id_l2 must be non-negative, got {self.id_l2}")
+        for name in ("id_l2", "code_l2"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.model.model in NO_GRADIENT and self.objective != "implicit":
