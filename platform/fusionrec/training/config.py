@@ -25,7 +25,7 @@ EMA_DECAY = 0.998
 # Default weight decay on the codebooks' logit weights (FusionNeuMF's `code_logits`), per objective.
 # Adam scales each weight's step by the size of its own gradient, so even a small decay acts on the
 # weights whose data gradient is small: the codes come to read only the directions of the embedding
-# that predict ratings. On the 10 % shop that removed most bad starts of the codes; on MovieLens
+# that predict ratings. On the 10 % shop that lowered validation MSE warm and cold-start; on MovieLens
 # (implicit) it was level on warm items and worse on cold ones (validation: docs/quality.md, 2026-12-06).
 CODE_L2 = {"rating": 1e-3, "implicit": 0.0}
 
