@@ -4,6 +4,7 @@ MLflow parent/child runs; `fusionrec ablate` writes the paper's table."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -24,7 +25,7 @@ def write_space(tmp_path, space: dict, name: str = "space.yaml"):
     return path
 
 
-@pytest.mark.parametrize("name", ["widths", "ablation", "implicit"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "tune").glob("*.yaml")))
 def test_shipped_spaces_load(name):
     space = SearchSpace.load(f"tune/{name}.yaml")
     assert space.search and set(space.param_space()) == set(space.search)
