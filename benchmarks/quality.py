@@ -69,8 +69,10 @@ def main(dataset: str, features: str = typer.Option(None), split: str = typer.Op
     floor = load_spec(dataset).truth.get("bayes_mse") if protocol == "candidate" else None
     columns = _columns(protocol, objective, k)
     print(f"{dataset}, split {base['split']}, objective {objective}, protocol {protocol}, {base['epochs']} epochs, "
-          f"lr {base['lr']}, id l2 {base['id_l2'] if base['id_l2'] is not None else 'default'}, "
-          f"code l2 {base['code_l2'] if base['code_l2'] is not None else 'default'}, seeds {seeds}"
+          f"lr {base['lr']}, "
+          + "".join(f"{key.replace('_', ' ')} {'default' if base[key] is None else base[key]}, "
+                    for key in ("id_l2", "code_l2"))
+          + f"seeds {seeds}"
           + (f", config {config}" if config else "") + (f", Bayes floor {floor:.4f}" if floor else ""))
     print("| model | " + " | ".join(columns) + " |" + (" MSE / floor |" if floor else ""))
     print("|---|" + "---|" * len(columns) + ("---|" if floor else ""))

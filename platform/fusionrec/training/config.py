@@ -52,10 +52,9 @@ class TrainConfig:
     ema_decay: float = EMA_DECAY  # of the weight average that is validated and kept (0: the weights as trained)
 
     def __post_init__(self) -> None:
-        if self.id_l2 is None:
-            self.id_l2 = ID_L2.get(self.objective, ID_L2["rating"])
-        if self.code_l2 is None:
-            self.code_l2 = CODE_L2.get(self.objective, CODE_L2["rating"])
+        for name, defaults in (("id_l2", ID_L2), ("code_l2", CODE_L2)):  # None: the objective's default
+            if getattr(self, name) is None:
+                setattr(self, name, defaults.get(self.objective, defaults["rating"]))
         self.check()
 
     def check(self) -> None:
