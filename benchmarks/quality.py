@@ -47,7 +47,7 @@ def _metrics(result, dataset: str, protocol: str, k: int) -> dict:
 
 def _base(dataset: str, config: str | None, options: dict) -> dict:
     """Training settings shared by every row: the defaults, the config file's, then the options given."""
-    base = TrainConfig(dataset=dataset).to_dict() | {"id_l2": None, "code_l2": None}  # None: the objective's
+    base = TrainConfig(dataset=dataset).to_dict() | {"id_l2": None, "code_prior": None}  # None: the objective's
     if config:
         load_config(Path(config))  # a bad file fails here, in one line
         stated = yaml.safe_load(Path(config).read_text())
@@ -58,20 +58,20 @@ def _base(dataset: str, config: str | None, options: dict) -> dict:
 def main(dataset: str, features: str = typer.Option(None), split: str = typer.Option(None), seeds: str = "0,1,2",
          rows: str = ",".join(ROWS), objective: str = typer.Option(None), protocol: str = "candidate",
          k: int = typer.Option(None), epochs: int = typer.Option(None), lr: float = typer.Option(None),
-         id_l2: float = typer.Option(None), code_l2: float = typer.Option(None),
+         id_l2: float = typer.Option(None), code_prior: float = typer.Option(None),
          config: str = typer.Option(None)) -> None:
     if protocol not in ("candidate", "full"):
         raise typer.BadParameter(f"--protocol must be candidate or full, got {protocol!r}")
     base = _base(dataset, config, {"features": features, "split": split, "objective": objective, "k": k,
                                    "epochs": epochs, "lr": lr, "id_l2": id_l2,
-                                   "code_l2": code_l2})
+                                   "code_prior": code_prior})
     objective, k = base["objective"], base["k"]
     floor = load_spec(dataset).truth.get("bayes_mse") if protocol == "candidate" else None
     columns = _columns(protocol, objective, k)
     print(f"{dataset}, split {base['split']}, objective {objective}, protocol {protocol}, {base['epochs']} epochs, "
           f"lr {base['lr']}, "
           + "".join(f"{key.replace('_', ' ')} {'default' if base[key] is None else base[key]}, "
-                    for key in ("id_l2", "code_l2"))
+                    for key in ("id_l2", "code_prior"))
           + f"seeds {seeds}"
           + (f", config {config}" if config else "") + (f", Bayes floor {floor:.4f}" if floor else ""))
     print("| model | " + " | ".join(columns) + " |" + (" MSE / floor |" if floor else ""))

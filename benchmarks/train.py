@@ -40,7 +40,7 @@ def plain_loop(cfg: TrainConfig, prepared, device: torch.device) -> float:
                         ModelConfig(**{**asdict(cfg.model), "global_mean": float(train["rating"].mean())}))
     model.mark_seen(train["user_idx"].to_numpy(), train["item_idx"].to_numpy())
     model.to(device)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, len(train))
     users, items, ratings = (torch.tensor(train[c].to_numpy(), device=device)
                              for c in ("user_idx", "item_idx", "rating"))
     rate = 0.0

@@ -68,7 +68,7 @@ def test_every_model_scores_pairs_and_all_items(name):
 ID_TABLES = {"fusion": {(7, 32), (6, 32)}, "neumf": {(7, 32), (6, 32)}, "svd": {(7, 32), (6, 32)},
              "dnn": set(), "cnn": set(), "genre-pop": set(), "content-knn": set()}
 # The codebooks' logit weights (3 books x 8 codes, from 8-d text and image embeddings): the only
-# parameters code_l2 decays. Only FusionNeuMF has codebooks (NeuMF is its id-only variant).
+# parameters the codebooks' prior (code_prior) decays. Only FusionNeuMF has codebooks (NeuMF is its id-only variant).
 CODE_LOGITS = {"fusion": [(24, 8), (24, 8)]}
 
 
@@ -78,7 +78,8 @@ def test_the_optimiser_decays_exactly_the_id_embeddings_and_code_logits_the_mode
 
     users, items = sides()
     model = build_model(users, items, ModelConfig(model=name, embedding_dim=32, global_mean=3.5))
-    ids, codes, rest = make_optimizer(model, TrainConfig(dataset="d", id_l2=0.03, code_l2=0.002)).param_groups
+    cfg = TrainConfig(dataset="d", id_l2=0.03, code_prior=20.0)
+    ids, codes, rest = make_optimizer(model, cfg, train_ratings=10_000).param_groups
     assert (ids["weight_decay"], codes["weight_decay"], rest["weight_decay"]) == (0.03, 0.002, 0.0)
     assert sorted(tuple(p.shape) for p in ids["params"]) == sorted(ID_TABLES[name])
     assert sorted(tuple(p.shape) for p in codes["params"]) == sorted(CODE_LOGITS.get(name, []))

@@ -216,16 +216,19 @@ def test_cli_train_rejects_bad_options(home, tiny_shop):
     assert result.exit_code == 1 and "unknown split 'weird'" in result.stderr
     result = runner.invoke(app, ["train", str(tiny_shop), "--id-l2", "-1"])
     assert result.exit_code == 1 and "id_l2 must be non-negative, got -1.0" in result.stderr
-    result = runner.invoke(app, ["train", str(tiny_shop), "--code-l2", "-0.5"])
-    assert result.exit_code == 1 and "code_l2 must be non-negative, got -0.5" in result.stderr
+    result = runner.invoke(app, ["train", str(tiny_shop), "--code-prior", "-0.5"])
+    assert result.exit_code == 1 and "code_prior must be non-negative, got -0.5" in result.stderr
 
 
-def test_id_l2_and_code_l2_default_per_objective():
-    from fusionrec.training.config import CODE_L2, ID_L2
+def test_id_l2_and_code_prior_default_per_objective():
+    from fusionrec.training.config import CODE_PRIOR, ID_L2
 
-    assert TrainConfig(dataset="d").code_l2 == CODE_L2["rating"] > 0  # the codebooks decay on ratings only
-    assert TrainConfig(dataset="d", objective="implicit").code_l2 == CODE_L2["implicit"] == 0
-    assert TrainConfig(dataset="d", objective="implicit", code_l2=0.01).code_l2 == 0.01
+    assert TrainConfig(dataset="d").code_prior == CODE_PRIOR["rating"] > 0  # the codebooks decay on ratings only
+    assert TrainConfig(dataset="d", objective="implicit").code_prior == CODE_PRIOR["implicit"] == 0
+    assert TrainConfig(dataset="d", objective="implicit", code_prior=10.0).code_prior == 10.0
+    # A fixed prior against a mean loss: the decay falls as the training part grows.
+    assert TrainConfig(dataset="d").code_l2(35_000) == pytest.approx(1e-3)
+    assert TrainConfig(dataset="d").code_l2(3_500) == pytest.approx(1e-2)
 
     assert TrainConfig(dataset="d").id_l2 == ID_L2["rating"] == 3e-2  # the rating objective is unchanged
     assert TrainConfig(dataset="d", objective="implicit").id_l2 == ID_L2["implicit"] < 1e-3

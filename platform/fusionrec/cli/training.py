@@ -10,7 +10,11 @@ import typer
 
 from fusionrec.cli.base import at_least, friendly_errors
 from fusionrec.models.config import ModelConfig
-from fusionrec.training.config import TrainConfig
+from fusionrec.training.config import CODE_PRIOR, ID_L2, TrainConfig
+
+
+def _per_objective(defaults: dict[str, float]) -> str:
+    return ", ".join(f"{value:g} for {objective}" for objective, value in defaults.items())
 
 
 def _widths(value: str) -> list[int]:
@@ -49,11 +53,11 @@ def train(
                                             "cold-items (20 % of items held out whole) or loo.")]
     = TrainConfig.split,
     seed: Annotated[int, typer.Option(help="Seed for the split and the initialisation.")] = TrainConfig.seed,
-    id_l2: Annotated[float | None, typer.Option(help="Weight decay on the id embeddings (default: 3e-2 for "
-                                                     "rating, 1e-4 for implicit).")] = TrainConfig.id_l2,
-    code_l2: Annotated[float | None, typer.Option(help="Weight decay on FusionNeuMF's codebook logit weights "
-                                                       "(default: 1e-3 for rating, 0 for implicit).")]
-    = TrainConfig.code_l2,
+    id_l2: Annotated[float | None, typer.Option(help="Weight decay on the id embeddings (default: "
+                                                     f"{_per_objective(ID_L2)}).")] = TrainConfig.id_l2,
+    code_prior: Annotated[float | None, typer.Option(
+        help="Strength of the prior on FusionNeuMF's codebook logit weights, in ratings: their weight decay is "
+             f"this / the training ratings (default: {_per_objective(CODE_PRIOR)}).")] = TrainConfig.code_prior,
     ema_decay: Annotated[float, typer.Option(help="Decay of the moving average of the weights that is validated "
                                                   "and kept (0: the weights as trained).")] = TrainConfig.ema_decay,
     register: Annotated[bool, typer.Option(help="Register in MLflow; champion moves only over a champion of the "
@@ -67,7 +71,7 @@ def train(
 
     flags = {"dataset": str(dataset) if dataset else None, "features": str(features) if features else None,
              "epochs": epochs, "batch_size": batch_size, "lr": lr, "objective": objective, "workers": workers,
-             "split": split, "seed": seed, "id_l2": id_l2, "code_l2": code_l2,
+             "split": split, "seed": seed, "id_l2": id_l2, "code_prior": code_prior,
              "ema_decay": ema_decay}
     model_flags = {"model": model, "variant": variant, "mlp": _widths(mlp), "codebooks": codebooks}
     if config is None:

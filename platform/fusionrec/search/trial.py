@@ -40,7 +40,7 @@ def fit_in_trial(cfg: TrainConfig, data: LoopData, threads: int, device: torch.d
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     model = new_model(data, cfg).to(device)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, len(data.train))
     resume = None
     checkpoint = tune.get_checkpoint()
     if checkpoint:

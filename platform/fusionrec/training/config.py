@@ -22,12 +22,15 @@ ID_L2 = {"rating": 3e-2, "implicit": 1e-4}
 # What is validated and kept is an exponential moving average of the weights (WeightAverage), not
 # the last step's: on the 10 % shop it lowered validation MSE on every start tried (docs/quality.md).
 EMA_DECAY = 0.998
-# Default weight decay on the codebooks' logit weights (FusionNeuMF's `code_logits`), per objective.
-# Adam scales each weight's step by the size of its own gradient, so even a small decay acts on the
-# weights whose data gradient is small: the codes come to read only the directions of the embedding
-# that predict ratings. On the 10 % shop that lowered validation MSE warm and cold-start; on MovieLens
-# (implicit) it was level on warm items and worse on cold ones (validation: docs/quality.md, 2026-12-06).
-CODE_L2 = {"rating": 1e-3, "implicit": 0.0}
+# Default strength of the prior on the codebooks' logit weights (FusionNeuMF's `code_logits`), per
+# objective, in training ratings: the weight decay is code_prior / the training ratings, as a fixed
+# prior weighs against a mean loss. Adam scales each weight's step by the size of its own gradient, so
+# even a small decay acts on the weights whose data gradient is small: the codes come to read only the
+# directions of the embedding that predict ratings. 35 is a decay of 1e-3 on the 10 % shop (35,000
+# training ratings), where it lowered validation MSE warm and cold-start; a fixed 1e-3 was too weak to
+# stop a 300 x 200 shop's codes memorising it (0.013 there). On MovieLens (implicit) a decay was level
+# on warm items and worse on cold ones (validation: docs/quality.md, 2026-12-06 and 12-07).
+CODE_PRIOR = {"rating": 35.0, "implicit": 0.0}
 
 
 @dataclass
@@ -41,7 +44,7 @@ class TrainConfig:
     batch_size: int = 256
     lr: float = 5e-3
     id_l2: float | None = None  # weight decay on id embeddings only (they overfit first); None = ID_L2[objective]
-    code_l2: float | None = None  # weight decay on the codebooks' logit weights; None = CODE_L2[objective]
+    code_prior: float | None = None  # the codebooks' logit decay x training ratings; None = CODE_PRIOR[objective]
     objective: str = "rating"
     negatives: int = 4
     workers: int = 1
@@ -52,7 +55,7 @@ class TrainConfig:
     ema_decay: float = EMA_DECAY  # of the weight average that is validated and kept (0: the weights as trained)
 
     def __post_init__(self) -> None:
-        for name, defaults in (("id_l2", ID_L2), ("code_l2", CODE_L2)):  # None: the objective's default
+        for name, defaults in (("id_l2", ID_L2), ("code_prior", CODE_PRIOR)):  # None: the objective's default
             if getattr(self, name) is None:
                 setattr(self, name, defaults.get(self.objective, defaults["rating"]))
         self.check()
@@ -67,7 +70,7 @@ class TrainConfig:
             raise ValueError(f"unknown objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
         if self.epochs < 1 or self.batch_size < 1 or self.workers < 1 or self.lr <= 0:
             raise ValueError("--epochs, --batch-size and --workers must be at least 1 and --lr positive")
-        for name in ("id_l2", "code_l2"):
+        for name in ("id_l2", "code_prior"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
@@ -75,6 +78,10 @@ class TrainConfig:
         if self.model.model in NO_GRADIENT and self.objective != "implicit":
             raise ValueError(f"{self.model.model} ranks items and predicts no ratings: train it with "
                              "--objective implicit")
+
+    def code_l2(self, train_ratings: int) -> float:
+        """The weight decay on the codebooks' logit weights for a training part of `train_ratings` ratings."""
+        return self.code_prior / max(train_ratings, 1)
 
     @property
     def selection(self) -> Selection:

@@ -41,10 +41,10 @@ def batch_loss(model, users, items, ratings, objective: str, negatives: int,
     return torch.nn.functional.binary_cross_entropy_with_logits(scores, labels)
 
 
-def make_optimizer(model: Recommender, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: Recommender, cfg: TrainConfig, train_ratings: int) -> torch.optim.Optimizer:
     """Adam, with L2 (weight decay) on the model's id embedding tables (`cfg.id_l2`) and its
-    codebooks' logit weights (`cfg.code_l2`) only (`Recommender.parameter_groups`)."""
-    return torch.optim.Adam(model.parameter_groups(cfg.id_l2, cfg.code_l2), lr=cfg.lr)
+    codebooks' logit weights (`cfg.code_l2(train_ratings)`) only (`Recommender.parameter_groups`)."""
+    return torch.optim.Adam(model.parameter_groups(cfg.id_l2, cfg.code_l2(train_ratings)), lr=cfg.lr)
 
 
 def negative_pool(data: LoopData, device: torch.device) -> int | torch.Tensor:

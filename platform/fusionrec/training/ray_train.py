@@ -38,7 +38,7 @@ def train_loop_per_worker(config: dict) -> None:
     recommender = new_model(data, cfg)
     model = ray.train.torch.prepare_model(recommender,  # moves it to `device`, wrapped in DDP
                                           parallel_strategy_kwargs={"broadcast_buffers": False})
-    optimizer = make_optimizer(recommender, cfg)  # the same parameters, named by the model
+    optimizer = make_optimizer(recommender, cfg, len(data.train))  # the same parameters, named by the model
     resume = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # resuming after a failure: continue from the last finished epoch
