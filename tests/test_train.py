@@ -49,6 +49,8 @@ def test_train_logs_to_mlflow_registers_and_evaluates(home, tiny_shop, features,
     client = MlflowClient()
     run = client.get_run(first.run_id)
     assert run.data.params["model.model"] == "fusion" and run.data.params["epochs"] == "2"
+    # The codebooks' decay that training used: the prior over the training part's ratings.
+    assert float(run.data.params["code_l2"]) == pytest.approx(config.code_prior / int(run.data.params["train_ratings"]))
     assert {"val_mse", "test_mse", "test_precision_at_5"} <= set(run.data.metrics)
     assert [m.step for m in client.get_metric_history(first.run_id, "train_loss")] == [0, 1]
     assert {a.path for a in client.list_artifacts(first.run_id)} >= {"loss_curve.png"}

@@ -101,7 +101,7 @@ def run_trial(config: dict, data: LoopData, base: dict, threads: int, mlflow_tar
         run = client.create_run(mlflow_target["experiment_id"], run_name=run_name, tags={
             **mlflow_target["tags"], "mlflow.parentRunId": mlflow_target["parent"], **tags})
         run_id = run.info.run_id
-        params = config_params(cfg, mlflow_target["dataset_name"])
+        params = config_params(cfg, mlflow_target["dataset_name"], len(data.train))
         client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
     # Where the trial runs (a resumed one may run elsewhere: the tag holds its last node).
     client.set_tag(run_id, "fusionrec.node_id", ray.get_runtime_context().get_node_id())

@@ -163,12 +163,14 @@ def log_config(cfg: TrainConfig, prepared: Prepared) -> None:
     """Params and identity tags of the active MLflow run."""
     import mlflow
 
-    mlflow.log_params(config_params(cfg, prepared.dataset.spec.name))
+    mlflow.log_params(config_params(cfg, prepared.dataset.spec.name, len(prepared.split.train)))
     mlflow.set_tags(run_identity(cfg, prepared))
 
 
-def config_params(cfg: TrainConfig, dataset_name: str) -> dict:
-    """A configuration as flat MLflow params ("lr", "model.mlp", ...)."""
+def config_params(cfg: TrainConfig, dataset_name: str, train_ratings: int) -> dict:
+    """A configuration as flat MLflow params ("lr", "model.mlp", ...), with the training part's size
+    and the codebooks' decay that follows from it."""
     return {"dataset": dataset_name, "dataset_path": cfg.dataset, "features": cfg.features,
             **{f"model.{k}": v for k, v in asdict(cfg.model).items()},
-            **{k: v for k, v in asdict(cfg).items() if k not in ("model", "dataset", "features")}}
+            **{k: v for k, v in asdict(cfg).items() if k not in ("model", "dataset", "features")},
+            "train_ratings": train_ratings, "code_l2": cfg.code_l2(train_ratings)}
