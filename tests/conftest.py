@@ -214,13 +214,18 @@ def registered(served_bundles, tmp_path_factory):
     patch.undo()
 
 
-def port_holders(url: str) -> set[str]:
-    """The names of the processes listening on `url`'s port: which proxy answers it."""
+def port_processes(url: str) -> list:
+    """The processes (psutil) listening on `url`'s port."""
     import psutil
 
     port = int(url.rsplit(":", 1)[1])
     listening = {c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port}
-    return {psutil.Process(pid).name() for pid in listening if pid}
+    return [psutil.Process(pid) for pid in listening if pid]
+
+
+def port_holders(url: str) -> set[str]:
+    """The names of the processes listening on `url`'s port: which proxy answers it."""
+    return {process.name() for process in port_processes(url)}
 
 
 def kill_one_ranker() -> int:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import os
 
+import psutil
 import pytest
 import requests
 
-from conftest import fusionrec_serve, port_holders
+from conftest import fusionrec_serve, port_holders, port_processes
 
 pytestmark = pytest.mark.integration
 
@@ -20,6 +21,9 @@ def test_serve_behind_the_python_proxy_answers_the_same_api(registered, served_b
         # title the actor's name and the method it runs (ray::ProxyActor.receive_asgi_messages)
         holders = port_holders(url)
         assert holders and all(name.startswith("ray::ProxyActor") for name in holders), holders
+        # A Ray worker (the proxy actor, as the replicas) of the Ray `fusionrec serve` started runs at
+        # this process's nice value, not Ray's default of 15 more
+        assert {p.nice() for p in port_processes(url)} == {psutil.Process().nice()}
 
         user = str(served_bundles["ratings"]["user_id"].iloc[0])
         answer = requests.post(f"{url}/recommend", json={"user_id": user, "k": 3}, timeout=30)
