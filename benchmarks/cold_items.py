@@ -30,7 +30,7 @@ import typer
 
 from fusionrec.evaluate import evaluate_bundle
 from fusionrec.models.config import ModelConfig
-from fusionrec.registry import download
+from fusionrec.registry import local_bundle
 from fusionrec.training.command import train
 from fusionrec.training.config import TrainConfig
 
@@ -57,7 +57,8 @@ def main(dataset: str, features: str = typer.Option(..., help="Feature tables fr
             chosen = max(choices, key=lambda n: fits[n].selection[1])  # on validation; test not consulted
             result = fits[chosen]
             fit_s = time.perf_counter() - started
-            metrics = evaluate_bundle(Path(dataset), download(result.model_uri), "full", k)  # scored once
+            with local_bundle(result.model_uri) as folder:
+                metrics = evaluate_bundle(Path(dataset), folder, "full", k)  # scored once
             results.append({**metrics, "val_ndcg@10": result.selection[1]})
             knn = (f"k={chosen} (validation nDCG@10 " + ", ".join(f"k={n} {fits[n].selection[1]:.4f}" for n in choices)
                    + "), " if row == "content-knn" else "")

@@ -40,9 +40,10 @@ def _metrics(result, dataset: str, protocol: str, k: int) -> dict:
     if protocol == "candidate":
         return result.metrics
     from fusionrec.evaluate import evaluate_bundle
-    from fusionrec.registry import download
+    from fusionrec.registry import local_bundle
 
-    return {"rmse": result.metrics["rmse"], **evaluate_bundle(Path(dataset), download(result.model_uri), "full", k)}
+    with local_bundle(result.model_uri) as folder:
+        return {"rmse": result.metrics["rmse"], **evaluate_bundle(Path(dataset), folder, "full", k)}
 
 
 def _base(dataset: str, config: str | None, options: dict) -> dict:

@@ -4,6 +4,8 @@ and the cold-items split end to end on the tiny shop through Ray Train, MLflow a
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -159,7 +161,7 @@ def test_cold_items_fusion_trains_selects_on_validation_items_and_evaluates_on_t
     from mlflow import MlflowClient
 
     from fusionrec.evaluate import evaluate_bundle
-    from fusionrec.registry import download
+    from fusionrec.registry import local_bundle
     from fusionrec.training.command import train
     from fusionrec.training.data import loop_data, prepare
 
@@ -173,10 +175,11 @@ def test_cold_items_fusion_trains_selects_on_validation_items_and_evaluates_on_t
     run = MlflowClient().get_run(result.run_id)
     assert run.data.tags["fusionrec.split"] == "cold-items" and result.selection[0] == "val_ndcg_at_10"
 
-    model, meta = load_bundle(download(result.model_uri))
+    with local_bundle(result.model_uri) as folder:
+        model, meta = load_bundle(folder)
+        out = evaluate_bundle(tiny_shop, folder, "full", 10)
     # the recorded selection metric is the validation ranking over the validation items only
     assert result.selection[1] == pytest.approx(_restricted(model, prepared, "validation", 10)["ndcg@10"])
-    out = evaluate_bundle(tiny_shop, download(result.model_uri), "full", 10)
     assert out == pytest.approx(_restricted(model, prepared, "test", 10))
     assert out["users"] == prepared.part("test")["user_idx"].nunique()
 
@@ -187,7 +190,7 @@ def test_cold_item_baselines_train_log_and_evaluate_through_the_same_path(home, 
     from mlflow import MlflowClient
 
     from fusionrec.evaluate import evaluate_bundle
-    from fusionrec.registry import download
+    from fusionrec.registry import local_bundle
     from fusionrec.training.command import train
     from fusionrec.training.data import prepare
 
@@ -195,8 +198,10 @@ def test_cold_item_baselines_train_log_and_evaluate_through_the_same_path(home, 
                                  "--split", "cold-items", "--objective", "implicit", "--register"])
     assert result.exit_code == 0, result.output
     assert set(json.loads(result.stdout.strip().splitlines()[-1])) >= {"ndcg@5", "precision@5"}
+    downloads = set(Path(tempfile.gettempdir()).glob("fusionrec-model-*"))
     result = runner.invoke(app, ["evaluate", str(tiny_shop), "--protocol", "full", "--k", "10"])
     assert result.exit_code == 0, result.output
+    assert set(Path(tempfile.gettempdir()).glob("fusionrec-model-*")) <= downloads  # its download is gone
     genre = json.loads(result.stdout.strip().splitlines()[-1])
     assert genre["protocol"] == "full" and 0 <= genre["ndcg@10"] <= 1
 
@@ -206,8 +211,9 @@ def test_cold_item_baselines_train_log_and_evaluate_through_the_same_path(home, 
     run = MlflowClient().get_run(knn.run_id)
     assert run.data.params["model.model"] == "content-knn" and "test_ndcg_at_5" in run.data.metrics
     assert run.data.metrics["val_ndcg_at_10"] == pytest.approx(knn.selection[1])
-    model, _ = load_bundle(download(knn.model_uri))
+    with local_bundle(knn.model_uri) as folder:
+        model, _ = load_bundle(folder)
+        out = evaluate_bundle(tiny_shop, folder, "full", 10)
     assert not list(model.parameters())
     prepared = prepare(config)
-    out = evaluate_bundle(tiny_shop, download(knn.model_uri), "full", 10)
     assert out == pytest.approx(_restricted(model, prepared, "test", 10))

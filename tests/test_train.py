@@ -241,7 +241,7 @@ def test_id_l2_and_code_prior_default_per_objective():
 
 def test_stratified_implicit_run_evaluates_under_the_full_protocol(home, tiny_shop):
     from fusionrec.evaluate import evaluate_bundle
-    from fusionrec.registry import download
+    from fusionrec.registry import local_bundle
 
     result = train(TrainConfig(dataset=str(tiny_shop), epochs=1, batch_size=64, split="stratified",
                                objective="implicit", model=ModelConfig(model="neumf")))
@@ -253,7 +253,8 @@ def test_stratified_implicit_run_evaluates_under_the_full_protocol(home, tiny_sh
     assert result.selection[0] == "val_ndcg_at_10" and 0 <= result.selection[1] <= 1
     assert run.data.tags["fusionrec.selection_metric"] == "val_ndcg_at_10" and "val_mse" not in run.data.metrics
     assert run.data.metrics["val_ndcg_at_10"] == pytest.approx(result.selection[1])
-    out = evaluate_bundle(tiny_shop, download(result.model_uri), "full", 10)
+    with local_bundle(result.model_uri) as folder:
+        out = evaluate_bundle(tiny_shop, folder, "full", 10)
     assert {"ndcg@10", "precision@10", "recall@10", "map@10", "map_all@10"} <= set(out)
     assert 0 <= out["map_all@10"] <= out["map@10"] <= 1 and out["users"] > 0
 

@@ -11,6 +11,8 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -160,21 +162,27 @@ def register(model_uri: str, run_id: str) -> Promotion:
     return Promotion(version, promoted, reason)
 
 
-def download(model_uri: str, dst: Path | None = None) -> Path:
-    """A local bundle folder for `model_uri`: models:/fusionrec@champion, models:/fusionrec/3, or a bundle path.
-    Downloads go to `dst` (default: a new temporary folder)."""
+def download(model_uri: str, dst: Path) -> Path:
+    """A local bundle folder for `model_uri`: models:/fusionrec@champion, models:/fusionrec/3, or a bundle path
+    (returned as it is). Downloads go to `dst`."""
     if Path(model_uri).is_dir():
         return Path(model_uri)
     import mlflow
 
     setup()
-    dst = dst or Path(tempfile.mkdtemp(prefix="fusionrec-model-"))
     local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(dst)))
     # pyfunc stores the bundle under artifacts/<the logged folder's name>
     found = sorted((local / "artifacts").glob("*/bundle.json"))
     if not found:
         raise ValueError(f"{model_uri}: not a fusionrec model (no bundle.json in its artifacts)")
     return found[0].parent
+
+
+@contextmanager
+def local_bundle(model_uri: str) -> Iterator[Path]:
+    """`download` into a temporary folder that is removed on leaving the block."""
+    with tempfile.TemporaryDirectory(prefix="fusionrec-model-") as tmp:
+        yield download(model_uri, Path(tmp))
 
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")

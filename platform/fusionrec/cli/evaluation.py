@@ -74,8 +74,9 @@ def evaluate(
 ) -> None:
     """Evaluate a registered model on its test split; one JSON object."""
     from fusionrec.evaluate import evaluate_bundle
-    from fusionrec.registry import download, resolve
+    from fusionrec.registry import local_bundle, resolve
 
     # resolve first: an unknown URI or an empty registry is one line naming it, not MLflow's own error
-    result = evaluate_bundle(dataset, download(resolve(model_uri).uri), protocol, k)
+    with local_bundle(resolve(model_uri).uri) as folder:
+        result = evaluate_bundle(dataset, folder, protocol, k)
     typer.echo(json.dumps({"protocol": protocol, **result}))

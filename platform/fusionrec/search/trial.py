@@ -19,13 +19,14 @@ from fusionrec.training.engine import load_state, make_optimizer, new_model, run
 from fusionrec.training.tracking import log_epoch
 
 
-def _report_checkpoint(state: dict, extra: dict) -> object:
-    """A Tune checkpoint of a resumable training state (a temporary folder Tune copies)."""
+def report_with_checkpoint(metrics: dict, state: dict) -> None:
+    """`tune.report` with a checkpoint of a resumable training state. Tune copies the folder into
+    the trial's storage before `report` returns, so the temporary folder goes straight after."""
     from ray import tune
 
-    folder = tempfile.mkdtemp(prefix="fusionrec-trial-")
-    torch.save({**state, **extra}, Path(folder) / "state.pt")
-    return tune.Checkpoint.from_directory(folder)
+    with tempfile.TemporaryDirectory(prefix="fusionrec-trial-") as folder:
+        torch.save(state, Path(folder) / "state.pt")
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 def fit_in_trial(cfg: TrainConfig, data: LoopData, threads: int, device: torch.device,
@@ -108,7 +109,7 @@ def run_trial(config: dict, data: LoopData, base: dict, threads: int, mlflow_tar
 
     def report(metrics: dict, state: dict) -> None:
         log_epoch({"uri": mlflow_target["uri"], "run_id": run_id}, metrics)
-        tune.report({**metrics, "mlflow_run_id": run_id}, checkpoint=_report_checkpoint(state, {"run_id": run_id}))
+        report_with_checkpoint({**metrics, "mlflow_run_id": run_id}, {**state, "run_id": run_id})
 
     fit_in_trial(cfg, data, threads, assigned_device(), report)
 

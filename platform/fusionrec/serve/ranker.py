@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import io
 import logging
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -72,8 +70,7 @@ class LoadedModel:
     @classmethod
     def load(cls, ref: registry.ModelRef, candidates_above: int = CANDIDATES_ABOVE) -> LoadedModel:
         """The model at `ref`, with a candidate index if it has more than `candidates_above` items."""
-        with tempfile.TemporaryDirectory(prefix="fusionrec-serve-") as tmp:
-            folder = registry.download(ref.uri, Path(tmp))
+        with registry.local_bundle(ref.uri) as folder:
             model, meta = load_bundle(folder)
             seen = load_seen(folder, len(meta["users"]["ids"]))
         loaded = cls(ref, model, meta, row_index(meta["users"]["ids"]), row_index(meta["items"]["ids"]),
