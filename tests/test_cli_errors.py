@@ -126,6 +126,7 @@ CASES = [
     (["tune", "{dataset}", "--space", "{bad_space}"], "space.yaml: unknown key 'serach'"),
     (["tune", "{dataset}", "--space", "tune/widths.yaml", "--search", "grid"], "unknown search 'grid'"),
     (["tune", "{missing}", "--space", "tune/widths.yaml"], "dataset folder not found"),
+    (["tune", "{dataset}", "--space", "tune/widths.yaml", "--epoch-budget", "0"], "--epoch-budget must be at least 1"),
     (["ablate", "{missing}"], "dataset folder not found"),
     (["ablate", "{dataset}", "--rows", "full,bogus"], "unknown row 'bogus'"),
     (["ablate", "{dataset}", "--folds", "1"], "--folds must be at least 2"),

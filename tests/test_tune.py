@@ -186,6 +186,21 @@ def test_asha_stops_a_weak_trial_early(home, tiny_shop, features, tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.usefixtures("local_ray")
+def test_an_epoch_budget_ends_the_search_when_its_trials_have_trained_that_many_epochs(home, tiny_shop, features,
+                                                                                       tmp_path):
+    from fusionrec.search.tune import search
+
+    # One trial at a time, no early stopping: the budget of 5 epochs is one whole trial of 3 and the
+    # first 2 epochs of the next; the other 6 trials never start, and the search still ends normally.
+    space = write_space(tmp_path, {"search": {"lr": {"loguniform": [0.001, 0.05]}}}, "lr.yaml")
+    result = search(str(tiny_shop), str(features), space, trials=8, epochs=3, max_concurrent=1, search_alg="random",
+                    early_stopping=False, epoch_budget=5, progress=False, confirm_seeds=0)
+    board = result.leaderboard
+    assert sorted(board["epochs_run"].tolist()) == [2, 3]
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("local_ray")
 def test_the_defaults_are_the_first_trial_so_a_hopeless_space_crowns_them(home, tiny_shop, features, tmp_path):
     from mlflow import MlflowClient
 

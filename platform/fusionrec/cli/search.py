@@ -33,6 +33,9 @@ def tune(
     resume: Annotated[bool, typer.Option(help="Continue the latest interrupted search of this space and dataset.")]
     = False,
     time_budget: Annotated[float | None, typer.Option(help="Stop the search after this many seconds.")] = None,
+    epoch_budget: Annotated[int | None, typer.Option(help="Stop the search once its trials have trained this many "
+                                                          "epochs in all (early stopping fits more trials in; "
+                                                          "--trials still caps them).")] = None,
     confirm_seeds: Annotated[int, typer.Option(help="Before choosing, train the 3 best trials (and the defaults "
                                                     "trial) again on this many more seeds and choose on the mean; "
                                                     "0: choose on one seed.")] = 2,
@@ -47,7 +50,7 @@ def tune(
                             max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial, seed=seed, split=split,
                             objective=objective, search_alg=search, early_stopping=early_stopping,
                             register=register, resume=resume, time_budget_s=time_budget,
-                            confirm_seeds=confirm_seeds)
+                            epoch_budget=epoch_budget, confirm_seeds=confirm_seeds)
     except KeyboardInterrupt as interrupted:
         fail(str(interrupted) or "search interrupted; continue it with --resume")
     metric, value = result.selection

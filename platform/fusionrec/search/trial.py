@@ -146,6 +146,30 @@ class TrialProgress:
         return _Progress()
 
 
+def epoch_budget_stopper(budget: int):
+    """A Tune stopper that ends the whole search once its trials have trained `budget` epochs in all
+    (each trial reports once per epoch); Tune stops the trials still running."""
+    from ray.tune.stopper import Stopper
+
+    class EpochBudget(Stopper):
+        def __init__(self):
+            self.trained: set[tuple[str, int]] = set()  # (trial, epoch): a finished trial's last result comes twice
+
+        def __call__(self, trial_id, result) -> bool:
+            self.trained.add((trial_id, result.get("training_iteration")))
+            return False
+
+        def stop_all(self) -> bool:
+            return len(self.trained) >= budget
+
+    return EpochBudget()
+
+
+def epochs_trained(grid) -> int:
+    """The epochs a Tune ResultGrid's trials trained in all."""
+    return sum(int(result.metrics.get("training_iteration", 0)) for result in grid)
+
+
 def restore_tuner(folder: Path, trainable, **options):
     """The Tune experiment saved in `folder`, to go on with (`Tuner.restore` with `options`), or a
     one-line error if there is none."""

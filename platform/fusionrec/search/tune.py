@@ -38,7 +38,16 @@ from fusionrec.config import state_folder
 from fusionrec.data.io import atomic_file
 from fusionrec.search.board import confirmation_candidates, leaderboard, seed_spread, versus_defaults
 from fusionrec.search.space import SearchSpace, with_settings
-from fusionrec.search.trial import TrialProgress, describe_trial, fit_closing, quiet_tune, restore_tuner, run_trial
+from fusionrec.search.trial import (
+    TrialProgress,
+    describe_trial,
+    epoch_budget_stopper,
+    epochs_trained,
+    fit_closing,
+    quiet_tune,
+    restore_tuner,
+    run_trial,
+)
 from fusionrec.training.config import TrainConfig
 from fusionrec.training.data import loop_data
 from fusionrec.training.engine import load_state, new_model
@@ -77,11 +86,14 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
            max_concurrent: int | None = None, cpus_per_trial: float = 1, seed: int = 0, split: str = "random",
            objective: str | None = None, search_alg: str = "tpe", early_stopping: bool = True,
            register: bool = False, resume: bool = False, progress: bool = True,
-           time_budget_s: float | None = None, confirm_seeds: int = 2, from_defaults: bool = True) -> SearchResult:
+           time_budget_s: float | None = None, epoch_budget: int | None = None, confirm_seeds: int = 2,
+           from_defaults: bool = True) -> SearchResult:
     """The whole `fusionrec tune` (see the module docstring). Interrupted (Ctrl-C): raises
     KeyboardInterrupt after Tune saved its state; `resume=True` continues that search (and redoes a
     confirmation round that was interrupted). `time_budget_s`: stop starting and running trials after
-    that long (fewer trials may run; the confirmation round is not bounded by it). `confirm_seeds`:
+    that long (fewer trials may run; the confirmation round is not bounded by it). `epoch_budget`: stop
+    once the trials have trained that many epochs in all (`epoch_budget()`; with early stopping more
+    trials fit in it, up to `trials`; the confirmation round is not counted). `confirm_seeds`:
     the seeds the best trials train on again (0: select on the search's one seed). `from_defaults=False`
     leaves the defaults out of the first trial: benchmarks/tune.py, measuring how soon each algorithm
     finds on its own what the defaults give."""
@@ -105,8 +117,10 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     if search_alg not in SEARCHES:
         raise ValueError(f"unknown search {search_alg!r}: choose one of {', '.join(SEARCHES)}")
-    if trials < 1 or epochs < 1 or cpus_per_trial <= 0 or (max_concurrent is not None and max_concurrent < 1):
-        raise ValueError("--trials, --epochs and --max-concurrent must be at least 1, --cpus-per-trial positive")
+    if (trials < 1 or epochs < 1 or cpus_per_trial <= 0 or (max_concurrent is not None and max_concurrent < 1)
+            or (epoch_budget is not None and epoch_budget < 1)):
+        raise ValueError("--trials, --epochs, --max-concurrent and --epoch-budget must be at least 1, "
+                         "--cpus-per-trial positive")
     if confirm_seeds < 0:
         raise ValueError(f"--confirm-seeds must be 0 (no confirmation) or more, not {confirm_seeds}")
     space = SearchSpace.load(space_path)
@@ -136,7 +150,7 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
                                "early_stopping": early_stopping, "max_concurrent": concurrency,
                                "cpus_per_trial": cpus_per_trial, "dataset": dataset, "features": features,
                                "split": split, "seed": seed, "objective": base_cfg.objective,
-                               "confirm_seeds": confirm_seeds})
+                               "confirm_seeds": confirm_seeds, "epoch_budget": epoch_budget})
             mlflow.log_artifact(str(space.path))
     target = {"uri": registry.tracking_uri(), "experiment_id": experiment_id, "parent": parent_id,
               "tags": run_identity(base_cfg, prepared), "dataset_name": prepared.dataset.spec.name}
@@ -151,7 +165,8 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
     describe = describe_trial(selection.metric, epochs)
     callback = TrialProgress(trials, describe) if progress else None
     run_config = tune.RunConfig(name=folder.name, storage_path=str(folder.parent), verbose=0,
-                                callbacks=[callback] if callback else None)
+                                callbacks=[callback] if callback else None,
+                                stop=epoch_budget_stopper(epoch_budget) if epoch_budget else None)
     if resume:
         tuner = restore_tuner(folder, trainable(), resume_unfinished=True)
     else:
@@ -159,8 +174,11 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
         # worse than `fusionrec train` with no flags. Random search is Optuna's random sampler too:
         # Tune's own BasicVariantGenerator fails on a list-valued first point (MLP widths) in Ray 2.60.
         # TPE models the space after a quarter of the trials, not Optuna's fixed 10: in a search of
-        # 12-20 trials those would be most of it, and TPE random search (docs/quality.md).
-        sampler = (optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, trials // 4)) if search_alg == "tpe"
+        # 12-20 trials those would be most of it, and TPE random search (docs/quality.md). Under an
+        # epoch budget, a quarter of the full-length trials the budget pays for.
+        full_trials = min(trials, epoch_budget // epochs) if epoch_budget else trials
+        sampler = (optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, full_trials // 4))
+                   if search_alg == "tpe"
                    else optuna.samplers.RandomSampler(seed=seed))
         searcher = OptunaSearch(metric=selection.metric, mode=selection.mode, sampler=sampler,
                                 points_to_evaluate=[first] if from_defaults else None)
@@ -176,7 +194,8 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
         folder.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"parent_run_id": parent_id, "space": str(space.path), "base": base}))
     grid = fit_closing(tuner, callback)
-    if time_budget_s is None and grid.num_terminated + grid.num_errors < trials:
+    budgeted = time_budget_s is not None or (epoch_budget is not None and epochs_trained(grid) >= epoch_budget)
+    if not budgeted and grid.num_terminated + grid.num_errors < trials:
         raise KeyboardInterrupt(f"search interrupted after {grid.num_terminated} of {trials} trials; "
                                 f"continue it with --resume ({folder})")
     metric = selection.metric
