@@ -92,7 +92,7 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
     KeyboardInterrupt after Tune saved its state; `resume=True` continues that search (and redoes a
     confirmation round that was interrupted). `time_budget_s`: stop starting and running trials after
     that long (fewer trials may run; the confirmation round is not bounded by it). `epoch_budget`: stop
-    once the trials have trained that many epochs in all (`epoch_budget()`; with early stopping more
+    once the trials have trained that many epochs in all (`epoch_budget_stopper`; with early stopping more
     trials fit in it, up to `trials`; the confirmation round is not counted). `confirm_seeds`:
     the seeds the best trials train on again (0: select on the search's one seed). `from_defaults=False`
     leaves the defaults out of the first trial: benchmarks/tune.py, measuring how soon each algorithm
