@@ -29,11 +29,10 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from fusionrec.search.tune import search
+from fusionrec.search.tune import asha_grace_period, search
 from fusionrec.verbosity import configure
 
 SEARCHES = {"asha+tpe": ("tpe", True), "random": ("random", False)}
-GRACE = 4  # ASHA's grace period is a quarter of the epochs (search/tune.py): the most trials a budget can start
 MARGIN = 0.02
 
 
@@ -59,6 +58,7 @@ def main(shop: str, features: str = typer.Option(...), space: str = "tune/widths
          epochs: int = 12, seeds: str = "0,1,2") -> None:
     configure(verbose_output=False)  # as the CLI: only the lines below
     rows = {}
+    budget = trials * epochs  # each search's, in trial-epochs
     for seed in [int(s) for s in seeds.split(",")]:
         common = {"epochs": epochs, "seed": seed, "progress": False, "confirm_seeds": 0}
         defaults = search(shop, features, Path(space), trials=1, search_alg="random", early_stopping=False, **common)
@@ -66,10 +66,10 @@ def main(shop: str, features: str = typer.Option(...), space: str = "tune/widths
         mode = "min" if metric == "val_mse" else "max"
         targets = {"defaults": value, "2% better": value * (1 - MARGIN if mode == "min" else 1 + MARGIN)}
         rows[seed] = {"defaults": value}
-        budget = trials * epochs
         for name, (search_alg, early_stopping) in SEARCHES.items():
             if early_stopping:
-                runs = {"trials": budget // max(1, epochs // GRACE), "epoch_budget": budget}
+                # as many trials as the budget can start: each trains at least ASHA's grace period
+                runs = {"trials": budget // asha_grace_period(epochs), "epoch_budget": budget}
             else:
                 runs = {"trials": trials}
             result = search(shop, features, Path(space), search_alg=search_alg, early_stopping=early_stopping,
@@ -88,7 +88,7 @@ def main(shop: str, features: str = typer.Option(...), space: str = "tune/widths
         rows[seed]["ratio"] = (budgets[0] / budget if rows[seed]["ratio_is_bound"] else
                                math.nan if math.isinf(budgets[1]) else budgets[0] / budgets[1])
 
-    print(f"\n{trials * epochs} trial-epochs per search (random: {trials} trials of {epochs} epochs), space {space}; "
+    print(f"\n{budget} trial-epochs per search (random: {trials} trials of {epochs} epochs), space {space}; "
           "budgets in trial-epochs")
     print(f"| seed | defaults' {metric} | search | trials | best | trial-epochs spent | to reach the defaults "
           "| to beat them by 2 % |")

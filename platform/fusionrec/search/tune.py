@@ -71,6 +71,12 @@ class SearchResult:
     promotion: object | None = None
 
 
+def asha_grace_period(epochs: int) -> int:
+    """The epochs every trial trains before ASHA may stop it: a quarter, since after one epoch a small
+    learning rate looks worse than it ends."""
+    return max(1, epochs // 4)
+
+
 def _experiment_folder(space: SearchSpace, dataset_name: str, resume: bool) -> Path:
     root = state_folder() / "tune"
     stem = f"{space.path.stem}-{dataset_name}"
@@ -182,10 +188,8 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
                    else optuna.samplers.RandomSampler(seed=seed))
         searcher = OptunaSearch(metric=selection.metric, mode=selection.mode, sampler=sampler,
                                 points_to_evaluate=[first] if from_defaults else None)
-        # Every trial gets a quarter of the epochs before ASHA may stop it: after one epoch a small
-        # learning rate looks worse than it ends.
         scheduler = (ASHAScheduler(metric=selection.metric, mode=selection.mode, max_t=epochs,
-                                   grace_period=max(1, epochs // 4), reduction_factor=2)
+                                   grace_period=asha_grace_period(epochs), reduction_factor=2)
                      if early_stopping else FIFOScheduler())
         tuner = tune.Tuner(trainable(), param_space=space.param_space(), run_config=run_config,
                            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
