@@ -134,3 +134,19 @@ def test_every_identity_key_has_a_like_with_like_case():
     from fusionrec.registry import IDENTITY as KEYS
 
     assert [key for key, *_ in OTHER] == list(KEYS)
+
+
+def test_a_local_bundle_folder_is_used_where_it_is(tmp_path, monkeypatch):
+    """No download and no temporary folder for a bundle that is already on disk."""
+    import tempfile
+
+    from fusionrec.registry import local_bundle
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    with local_bundle(str(bundle)) as folder:
+        assert folder == bundle
+        assert not list((tmp_path / "tmp").iterdir())
+    assert bundle.is_dir()

@@ -180,7 +180,11 @@ def download(model_uri: str, dst: Path) -> Path:
 
 @contextmanager
 def local_bundle(model_uri: str) -> Iterator[Path]:
-    """`download` into a temporary folder that is removed on leaving the block."""
+    """`download` into a temporary folder that is removed on leaving the block (a bundle folder is
+    used where it is, with no temporary folder)."""
+    if Path(model_uri).is_dir():
+        yield Path(model_uri)
+        return
     with tempfile.TemporaryDirectory(prefix="fusionrec-model-") as tmp:
         yield download(model_uri, Path(tmp))
 
