@@ -163,10 +163,8 @@ def register(model_uri: str, run_id: str) -> Promotion:
 
 
 def download(model_uri: str, dst: Path) -> Path:
-    """A local bundle folder for `model_uri`: models:/fusionrec@champion, models:/fusionrec/3, or a bundle path
-    (returned as it is). Downloads go to `dst`."""
-    if Path(model_uri).is_dir():
-        return Path(model_uri)
+    """The bundle folder of a registered model (models:/fusionrec@champion, models:/fusionrec/3),
+    downloaded into `dst`."""
     import mlflow
 
     setup()
@@ -180,8 +178,8 @@ def download(model_uri: str, dst: Path) -> Path:
 
 @contextmanager
 def local_bundle(model_uri: str) -> Iterator[Path]:
-    """`download` into a temporary folder that is removed on leaving the block (a bundle folder is
-    used where it is, with no temporary folder)."""
+    """A local bundle folder for `model_uri`: a bundle path as it is, or a registered model
+    `download`ed into a temporary folder that is removed on leaving the block."""
     if Path(model_uri).is_dir():
         yield Path(model_uri)
         return
