@@ -8,11 +8,14 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from conftest import registered_epoch
@@ -204,11 +207,16 @@ def test_lost_worker_resumes_from_checkpoint(home, tiny_shop, tmp_path, monkeypa
 
 
 def test_cli_train_prints_metrics_and_the_bayes_floor(home, tiny_shop):
-    result = runner.invoke(app, ["train", str(tiny_shop), "--model", "svd", "--epochs", "1"])
+    from mlflow import MlflowClient
+
+    result = runner.invoke(app, ["train", str(tiny_shop), "--model", "svd", "--epochs", "1", "--train-seed", "2"])
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(metrics) == {"mse", "rmse", "precision@5", "ndcg@5", "users"}
     assert "vs the Bayes floor" in result.stderr
+    client = MlflowClient()
+    run = client.search_runs([client.get_experiment_by_name("fusionrec").experiment_id])[0]
+    assert (run.data.params["seed"], run.data.params["train_seed"]) == ("0", "2")
 
 
 def test_cli_train_rejects_bad_options(home, tiny_shop):
@@ -299,6 +307,47 @@ def test_leave_one_out_run_scores_under_the_ncf_protocol(home, tiny_shop):
     out = ncf(model, prepared.ratings, test, prepared.items.n, k=5, negatives=10)
     assert out["users"] == len(test) == (prepared.ratings.groupby("user_id").size() >= 2).sum()  # one each
     assert 0 <= out["ndcg@5"] <= out["hr@5"] <= 1
+
+
+def _same_split(a, b) -> bool:
+    return all(np.array_equal(getattr(a, part), getattr(b, part)) for part in ("train", "validation", "test"))
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_a_training_seed_trains_the_same_split_again_on_ray_train(home, tiny_shop, features):
+    """--seed draws the split, --train-seed the training (the initialisation, the batch order):
+    another training seed keeps the split and trains other weights."""
+    first = TrainConfig(dataset=str(tiny_shop), features=str(features), epochs=1, batch_size=64)
+    again = replace(first, train_seed=1)
+    runs = {cfg.training_seed: (prepare(cfg), cfg) for cfg in (first, again)}
+    models = {seed: fit(cfg, prepared, home / f"train-{seed}")[0] for seed, (prepared, cfg) in runs.items()}
+    assert _same_split(runs[0][0].split, runs[1][0].split)
+    assert not _same_weights(models[0], models[1])
+
+
+def test_without_a_training_seed_the_split_seed_trains_and_validation_is_the_splits(home, tiny_shop, features):
+    """In a trial (fit_in_trial): no --train-seed trains exactly as --train-seed equal to --seed, another
+    trains other weights, and the validation negatives (implicit objective) stay the split's, so
+    runs on one split are selected on one validation set."""
+    from fusionrec.search.trial import fit_in_trial
+    from fusionrec.training.data import loop_data
+    from fusionrec.training.engine import validate
+
+    base = TrainConfig(dataset=str(tiny_shop), features=str(features), epochs=1, batch_size=64, seed=3,
+                       objective="implicit")
+    prepared = prepare(base)
+    data = loop_data(prepared.users, prepared.items, prepared.ratings, prepared.split)
+    models = {name: fit_in_trial(cfg, data, threads=1, device=torch.device("cpu"))[0]
+              for name, cfg in (("none", base), ("same", replace(base, train_seed=3)),
+                                ("other", replace(base, train_seed=4)))}
+    assert _same_weights(models["none"], models["same"])
+    assert not _same_weights(models["none"], models["other"])
+    cpu = torch.device("cpu")
+    assert validate(models["other"], data, base, cpu) == validate(models["other"], data, replace(base, train_seed=4),
+                                                                  cpu)
 
 
 def test_cold_start_run_end_to_end(home, tiny_shop, features):

@@ -247,7 +247,7 @@ def test_a_trial_that_won_on_a_lucky_seed_loses_after_confirmation(home, tiny_sh
         from fusionrec.training.engine import new_model
 
         model = new_model(data, cfg)
-        value = val_mse(cfg.lr, cfg.seed)
+        value = val_mse(cfg.lr, cfg.training_seed)
         report({"epoch": 0, "train_loss": value, "val_loss": value, "val_mse": value, "samples_per_s": 1.0,
                 "best_val_mse": value, "best_epoch": 0}, {"best": {"state": model.state_dict(), "value": value}})
         return model, {}

@@ -52,7 +52,11 @@ def train(
     split: Annotated[str, typer.Option(help="random (70/10/20), stratified (75/25 per user), cold-start, "
                                             "cold-items (20 % of items held out whole) or loo.")]
     = TrainConfig.split,
-    seed: Annotated[int, typer.Option(help="Seed for the split and the initialisation.")] = TrainConfig.seed,
+    seed: Annotated[int, typer.Option(help="Seed for the split (and the training, without --train-seed).")]
+    = TrainConfig.seed,
+    train_seed: Annotated[int | None, typer.Option(help="Seed for the initialisation, batch order and sampled "
+                                                        "negatives, on --seed's split (default: --seed).")]
+    = TrainConfig.train_seed,
     id_l2: Annotated[float | None, typer.Option(help="Weight decay on the id embeddings (default: "
                                                      f"{_per_objective(ID_L2)}).")] = TrainConfig.id_l2,
     code_prior: Annotated[float | None, typer.Option(
@@ -71,7 +75,7 @@ def train(
 
     flags = {"dataset": str(dataset) if dataset else None, "features": str(features) if features else None,
              "epochs": epochs, "batch_size": batch_size, "lr": lr, "objective": objective, "workers": workers,
-             "split": split, "seed": seed, "id_l2": id_l2, "code_prior": code_prior,
+             "split": split, "seed": seed, "train_seed": train_seed, "id_l2": id_l2, "code_prior": code_prior,
              "ema_decay": ema_decay}
     model_flags = {"model": model, "variant": variant, "mlp": _widths(mlp), "codebooks": codebooks}
     if config is None:

@@ -39,7 +39,7 @@ def fit_in_trial(cfg: TrainConfig, data: LoopData, threads: int, device: torch.d
     from ray import tune
 
     torch.set_num_threads(threads)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.training_seed)
     model = new_model(data, cfg).to(device)
     optimizer = make_optimizer(model, cfg, len(data.train))
     resume = None
@@ -52,7 +52,7 @@ def fit_in_trial(cfg: TrainConfig, data: LoopData, threads: int, device: torch.d
 
     def batches(epoch: int):
         # Shuffled on the CPU, so the order is the same on every device.
-        shuffle = torch.Generator().manual_seed(cfg.seed + epoch)
+        shuffle = torch.Generator().manual_seed(cfg.training_seed + epoch)
         order = torch.randperm(len(users), generator=shuffle, device="cpu").to(device)
         for start in range(0, len(order), cfg.batch_size):
             batch = order[start:start + cfg.batch_size]
@@ -77,8 +77,8 @@ def run_trial(config: dict, data: LoopData, base: dict, threads: int, mlflow_tar
     """One trial of `fusionrec tune`: `base` settings with the sampled ones (`config`), logged as a
     child run. In the confirmation round `confirming` maps each search trial it confirms to its
     sampled settings, and `config` is {"confirms": one of those trials, "seed": the seed to train on}:
-    its child run is tagged fusionrec.confirms and fusionrec.training_seed (fusionrec.seed is the
-    split's). Every child run is tagged fusionrec.node_id: the Ray node it trained on."""
+    its child run trains with that `train_seed` on the search's split and is tagged fusionrec.confirms
+    and fusionrec.training_seed. Every child run is tagged fusionrec.node_id: the Ray node it trained on."""
     import ray
     from mlflow import MlflowClient
     from ray import tune
@@ -89,7 +89,7 @@ def run_trial(config: dict, data: LoopData, base: dict, threads: int, mlflow_tar
     trial_id = tune.get_context().get_trial_id()
     sampled, run_name, tags = config, trial_id, {"fusionrec.trial_id": trial_id}
     if confirming:
-        sampled = {**confirming[config["confirms"]], "seed": config["seed"]}
+        sampled = {**confirming[config["confirms"]], "train_seed": config["seed"]}
         run_name = f"{config['confirms']} seed {config['seed']}"
         tags |= {"fusionrec.confirms": config["confirms"], "fusionrec.training_seed": str(config["seed"])}
     cfg = TrainConfig.from_dict(with_settings(base, sampled))

@@ -12,8 +12,8 @@ than they do; the leaderboard's `defaults` column and best.yaml's first line say
 
 A trial trains on one seed, and one seed can be lucky. So, before one is crowned, the CONFIRM_TOP
 best trials on validation, and the defaults trial if it is not among them, train again on
-`confirm_seeds` more seeds (seed+1, ..., the same settings and epochs, no early stopping), and the
-trial with the best mean validation metric over its seeds is selected.
+`confirm_seeds` more training seeds (`train_seed` seed+1, ...: the same split, settings and epochs,
+no early stopping), and the trial with the best mean validation metric over its seeds is selected.
 
 Each trial trains in its own process with `cpus_per_trial` CPUs, and one GPU on a cluster that has
 GPUs (no nested Ray Train worker group: its driver would hold a whole CPU per trial, and on 2 CPUs

@@ -49,7 +49,8 @@ class TrainConfig:
     negatives: int = 4
     workers: int = 1
     split: str = "random"
-    seed: int = 0
+    seed: int = 0  # draws the split, and (without train_seed) the training's randomness
+    train_seed: int | None = None  # the initialisation, batch order and sampled negatives; None = seed
     k: int = 5
     max_failures: int = 2
     ema_decay: float = EMA_DECAY  # of the weight average that is validated and kept (0: the weights as trained)
@@ -78,6 +79,13 @@ class TrainConfig:
         if self.model.model in NO_GRADIENT and self.objective != "implicit":
             raise ValueError(f"{self.model.model} ranks items and predicts no ratings: train it with "
                              "--objective implicit")
+
+    @property
+    def training_seed(self) -> int:
+        """Seeds the initialisation, the batch order and the training negatives. Apart from `seed`,
+        one split can be trained several times: two runs of one model on one split differ by more
+        than two models often do (docs/quality.md, MovieLens-100K)."""
+        return self.seed if self.train_seed is None else self.train_seed
 
     def code_l2(self, train_ratings: int) -> float:
         """The weight decay on the codebooks' logit weights for a training part of `train_ratings` ratings."""

@@ -70,9 +70,9 @@ def validate(model: Recommender, data: LoopData, cfg: TrainConfig, device: torch
     item the user did not rate in training), with the model on `device`."""
     val = data.validation
     u, i, r = (torch.as_tensor(val[c].to_numpy(), device=device) for c in ("user_idx", "item_idx", "rating"))
-    # The same sampled negatives every epoch (implicit objective), so epochs are compared on one
-    # validation set; forking (the CPU's generator and the device's) keeps the training random
-    # stream as it was.
+    # The same sampled negatives every epoch (implicit objective), drawn from the split's seed, so
+    # epochs, and runs with other training seeds on this split, are compared on one validation set;
+    # forking (the CPU's generator and the device's) keeps the training random stream as it was.
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
         torch.manual_seed(cfg.seed)
         loss = float(batch_loss(model, u, i, r, cfg.objective, cfg.negatives, data.items.n))

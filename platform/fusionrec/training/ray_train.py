@@ -31,7 +31,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg: TrainConfig = config["cfg"]
     torch.set_num_threads(config["threads"])
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.training_seed)
     rank = ray.train.get_context().get_world_rank()
     data: LoopData = ray.get(config["data"])
     device = ray.train.torch.get_device()  # the worker's GPU when the trainer reserved one (use_gpus)
@@ -53,7 +53,7 @@ def train_loop_per_worker(config: dict) -> None:
         # per-batch overhead off every optimiser step.
         for block in shard.iter_torch_batches(batch_size=max(cfg.batch_size, READ_BATCH),
                                               local_shuffle_buffer_size=4 * READ_BATCH,
-                                              local_shuffle_seed=cfg.seed + epoch, device=device):
+                                              local_shuffle_seed=cfg.training_seed + epoch, device=device):
             for start in range(0, len(block["user_idx"]), cfg.batch_size):
                 yield tuple(block[c][start:start + cfg.batch_size] for c in ("user_idx", "item_idx", "rating"))
 
