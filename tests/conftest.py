@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +30,15 @@ SPEC = {
     "items": {"id": "item_id", "text": "description", "image": "image", "categorical": ["brand"],
               "numeric": ["price"]},
 }
+
+
+@contextlib.contextmanager
+def leaves_no_temp_folders(prefix: str):
+    """Fails if the block leaves a folder named `prefix`* in the system's temporary folder that was
+    not there before (others' folders, made before, may stay)."""
+    before = set(Path(tempfile.gettempdir()).glob(f"{prefix}*"))
+    yield
+    assert set(Path(tempfile.gettempdir()).glob(f"{prefix}*")) <= before
 
 
 def make_dataset(root: Path, fmt: str = "parquet", users=None, items=None, ratings=None, spec=None) -> Path:

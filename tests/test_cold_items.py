@@ -4,8 +4,6 @@ and the cold-items split end to end on the tiny shop through Ray Train, MLflow a
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import leaves_no_temp_folders
 from fusionrec.cli import app
 from fusionrec.data.schema import TableSpec
 from fusionrec.evaluate import full_ranking, top_k_among
@@ -198,10 +197,9 @@ def test_cold_item_baselines_train_log_and_evaluate_through_the_same_path(home, 
                                  "--split", "cold-items", "--objective", "implicit", "--register"])
     assert result.exit_code == 0, result.output
     assert set(json.loads(result.stdout.strip().splitlines()[-1])) >= {"ndcg@5", "precision@5"}
-    downloads = set(Path(tempfile.gettempdir()).glob("fusionrec-model-*"))
-    result = runner.invoke(app, ["evaluate", str(tiny_shop), "--protocol", "full", "--k", "10"])
-    assert result.exit_code == 0, result.output
-    assert set(Path(tempfile.gettempdir()).glob("fusionrec-model-*")) <= downloads  # its download is gone
+    with leaves_no_temp_folders("fusionrec-model-"):  # the model's download is gone
+        result = runner.invoke(app, ["evaluate", str(tiny_shop), "--protocol", "full", "--k", "10"])
+        assert result.exit_code == 0, result.output
     genre = json.loads(result.stdout.strip().splitlines()[-1])
     assert genre["protocol"] == "full" and 0 <= genre["ndcg@10"] <= 1
 

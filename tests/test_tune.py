@@ -4,7 +4,6 @@ MLflow parent/child runs; `fusionrec ablate` writes the paper's table."""
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +11,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from conftest import leaves_no_temp_folders
 from fusionrec.cli import app
 from fusionrec.search.space import SearchSpace
 
@@ -122,12 +122,11 @@ def test_search_selects_on_validation_and_logs_children_under_one_parent(home, t
     monkeypatch.setattr(fusionrec.training.command, "score_test", score_test)
     monkeypatch.setattr(fusionrec.search.tune, "loop_data", loop_data)
     space = write_space(tmp_path, GOOD)
-    checkpoints = set(Path(tempfile.gettempdir()).glob("fusionrec-trial-*"))
-    result = runner.invoke(app, ["tune", str(tiny_shop), "--features", str(features), "--space", str(space),
-                                 "--trials", "4", "--epochs", "2", "--register", "--confirm-seeds", "0"])
-    assert result.exit_code == 0, result.output
     # each epoch's checkpoint folder is gone once Tune has copied it into the trial's storage
-    assert set(Path(tempfile.gettempdir()).glob("fusionrec-trial-*")) <= checkpoints
+    with leaves_no_temp_folders("fusionrec-trial-"):
+        result = runner.invoke(app, ["tune", str(tiny_shop), "--features", str(features), "--space", str(space),
+                                     "--trials", "4", "--epochs", "2", "--register", "--confirm-seeds", "0"])
+        assert result.exit_code == 0, result.output
     assert events == ["search finished", "test scored"]  # the test part is scored once, after the choice
 
     # What the trials received holds no test rating.
