@@ -104,13 +104,13 @@ def main(dataset: str, features: str = typer.Option(None), split: str = typer.Op
     scores = {}  # row -> (split seed, training seed) -> the first column
     for row in rows.split(","):
         name, _, variant = row.partition(":")
-        results = []
+        model = base["model"] | {"model": name, "variant": variant or "full"}
+        results, scores[row] = [], {}
         for seed in map(int, seeds.split(",")):
             for train_seed in range(seed, seed + 100 * train_runs, 100):
-                model = base["model"] | {"model": name, "variant": variant or "full"}
                 result = train(TrainConfig.from_dict(base | {"seed": seed, "train_seed": train_seed, "model": model}))
                 results.append(_metrics(result, dataset, protocol, k))
-                scores.setdefault(row, {})[seed, train_seed] = results[-1][columns[0]]
+                scores[row][seed, train_seed] = results[-1][columns[0]]
                 metric, value = result.selection
                 print(f"  {row} seed {seed}" + (f" training seed {train_seed}" if train_runs > 1 else "")
                       + f": best epoch {result.best_epoch} ({metric} {value:.4f}), "
