@@ -185,6 +185,28 @@ def test_asha_stops_a_weak_trial_early(home, tiny_shop, features, tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.usefixtures("local_ray")
+def test_a_local_search_steps_from_the_best_trial_finished_before(home, tiny_shop, features, tmp_path):
+    from mlflow import MlflowClient
+
+    from fusionrec.search.tune import search
+
+    # One trial at a time over 7 id widths, the defaults (32) first: each later trial moves one entry
+    # from the best trial finished before it. Random draws of this seed do not (checked).
+    widths = [4, 8, 16, 32, 64, 128, 256]
+    space = write_space(tmp_path, {"search": {"model.embedding_dim": {"choice": widths}}}, "ids.yaml")
+    result = search(str(tiny_shop), str(features), space, trials=4, epochs=2, max_concurrent=1, search_alg="local",
+                    seed=4, early_stopping=False, progress=False, confirm_seeds=0)
+    started = {run: MlflowClient().get_run(run).info.start_time for run in result.leaderboard["mlflow_run_id"]}
+    board = result.leaderboard.sort_values("mlflow_run_id", key=lambda runs: runs.map(started)).reset_index(drop=True)
+    assert len(board) == 4 and board.loc[0, "defaults"], board
+    for i in range(1, 4):
+        before = board.iloc[:i].sort_values("best_val_mse").iloc[0]
+        step = widths.index(int(board.loc[i, "model.embedding_dim"])) - widths.index(int(before["model.embedding_dim"]))
+        assert abs(step) == 1, board[["trial", "model.embedding_dim", "best_val_mse"]]
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("local_ray")
 def test_an_epoch_budget_ends_the_search_when_its_trials_have_trained_that_many_epochs(home, tiny_shop, features,
                                                                                        tmp_path):
     from fusionrec.search.tune import search

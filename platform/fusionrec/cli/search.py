@@ -22,7 +22,8 @@ def tune(
     max_concurrent: Annotated[int | None, typer.Option(help="Trials at once (default: cluster CPUs / CPUs per "
                                                             "trial).")] = None,
     cpus_per_trial: Annotated[float, typer.Option(help="CPUs each trial holds.")] = 1.0,
-    search: Annotated[str, typer.Option(help="tpe (Optuna, model-based) or random.")] = "tpe",
+    search: Annotated[str, typer.Option(help="local (small steps from the best trial so far, the defaults "
+                                              "first), tpe (Optuna, model-based) or random.")] = "local",
     early_stopping: Annotated[bool, typer.Option(help="ASHA early stopping on the per-epoch validation metric.")]
     = True,
     split: Annotated[str, typer.Option(help="random, stratified, cold-start, cold-items or loo.")] = "random",

@@ -2,7 +2,7 @@
 
     SearchSpace.load(path)    tune/*.yaml -> a checked search space (unknown keys, bad ranges fail)
     fit_in_trial(...)         training.engine's epoch loop inside one Tune trial, one report per epoch
-    search(...)               Tuner (ASHA + Optuna TPE, or random) -> leaderboard -> the best trials
+    search(...)               Tuner (ASHA + a local search, Optuna TPE or random) -> leaderboard -> the best trials
                               trained again on more seeds -> the best mean's model scored on test
                               once -> MLflow (a parent run, a child per trial and per confirmation)
 
@@ -37,6 +37,7 @@ import yaml
 from fusionrec.config import state_folder
 from fusionrec.data.io import atomic_file
 from fusionrec.search.board import confirmation_candidates, leaderboard, seed_spread, versus_defaults
+from fusionrec.search.local import LocalSampler
 from fusionrec.search.space import SearchSpace, with_settings
 from fusionrec.search.trial import (
     TrialProgress,
@@ -52,7 +53,7 @@ from fusionrec.training.config import TrainConfig
 from fusionrec.training.data import loop_data
 from fusionrec.training.engine import load_state, new_model
 
-SEARCHES = ("tpe", "random")
+SEARCHES = ("local", "tpe", "random")
 
 
 @dataclass
@@ -90,7 +91,7 @@ def _experiment_folder(space: SearchSpace, dataset_name: str, resume: bool) -> P
 
 def search(dataset: str, features: str | None, space_path: Path, trials: int = 20, epochs: int = 30,
            max_concurrent: int | None = None, cpus_per_trial: float = 1, seed: int = 0, split: str = "random",
-           objective: str | None = None, search_alg: str = "tpe", early_stopping: bool = True,
+           objective: str | None = None, search_alg: str = "local", early_stopping: bool = True,
            register: bool = False, resume: bool = False, progress: bool = True,
            time_budget_s: float | None = None, epoch_budget: int | None = None, confirm_seeds: int = 2,
            from_defaults: bool = True) -> SearchResult:
@@ -183,9 +184,9 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
         # 12-20 trials those would be most of it, and TPE random search (docs/quality.md). Under an
         # epoch budget, a quarter of the full-length trials the budget pays for.
         full_trials = min(trials, epoch_budget // epochs) if epoch_budget else trials
-        sampler = (optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, full_trials // 4))
-                   if search_alg == "tpe"
-                   else optuna.samplers.RandomSampler(seed=seed))
+        sampler = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, full_trials // 4)),
+                   "local": lambda: LocalSampler(seed=seed),
+                   "random": lambda: optuna.samplers.RandomSampler(seed=seed)}[search_alg]()
         searcher = OptunaSearch(metric=selection.metric, mode=selection.mode, sampler=sampler,
                                 points_to_evaluate=[first] if from_defaults else None)
         scheduler = (ASHAScheduler(metric=selection.metric, mode=selection.mode, max_t=epochs,
