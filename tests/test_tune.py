@@ -205,6 +205,27 @@ def test_a_local_search_steps_from_the_best_trial_finished_before(home, tiny_sho
         assert abs(step) == 1, board[["trial", "model.embedding_dim", "best_val_mse"]]
 
 
+def test_asha_never_stops_the_defaults_trial_but_their_values_still_stop_others():
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from fusionrec.search.trial import asha_sparing
+
+    defaults = {"lr": 0.005}
+    scheduler = asha_sparing(defaults, metric="val_mse", mode="min", max_t=8, grace_period=2, reduction_factor=2)
+    good, bad, first = (SimpleNamespace(trial_id=name, config=config) for name, config in
+                        (("good", {"lr": 0.01}), ("bad", {"lr": 0.02}), ("defaults", dict(defaults))))
+    for trial in (good, first, bad):
+        scheduler.on_trial_add(None, trial)
+    result = {"training_iteration": 2}
+    assert scheduler.on_trial_result(None, good, {**result, "val_mse": 0.1}) == TrialScheduler.CONTINUE
+    # Worse than the good trial at the first rung: ASHA would stop it; the defaults run on.
+    assert scheduler.on_trial_result(None, first, {**result, "val_mse": 0.9}) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, bad, {**result, "val_mse": 0.9}) == TrialScheduler.STOP
+    assert scheduler.on_trial_result(None, first, {"training_iteration": 8, "val_mse": 0.9}) == TrialScheduler.STOP
+
+
 @pytest.mark.integration
 @pytest.mark.usefixtures("local_ray")
 def test_an_epoch_budget_ends_the_search_when_its_trials_have_trained_that_many_epochs(home, tiny_shop, features,

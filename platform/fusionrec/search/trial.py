@@ -146,6 +146,24 @@ class TrialProgress:
         return _Progress()
 
 
+def asha_sparing(defaults: dict, **asha):
+    """ASHA (`asha`: its arguments) that never stops the defaults trial (config `defaults`) early.
+    Its values still count at every rung, so it still stops others. Run to the end, the defaults are
+    a full-length reference for the confirmation round: stopped at a rung, their value on the
+    search's seed was an early epoch's, averaged with full-length runs on the others."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class SparingDefaults(ASHAScheduler):
+        def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+            action = super().on_trial_result(tune_controller, trial, result)
+            if (action == TrialScheduler.STOP and trial.config == defaults
+                    and result.get("training_iteration", 0) < asha["max_t"]):
+                return TrialScheduler.CONTINUE
+            return action
+
+    return SparingDefaults(**asha)
+
+
 def epoch_budget_stopper(budget: int):
     """A Tune stopper that ends the whole search once its trials have trained `budget` epochs in all
     (each trial reports once per epoch); Tune stops the trials still running."""

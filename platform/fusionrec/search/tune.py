@@ -41,6 +41,7 @@ from fusionrec.search.local import LocalSampler
 from fusionrec.search.space import SearchSpace, with_settings
 from fusionrec.search.trial import (
     TrialProgress,
+    asha_sparing,
     describe_trial,
     epoch_budget_stopper,
     epochs_trained,
@@ -108,7 +109,7 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
     import optuna
     from mlflow import MlflowClient
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from fusionrec import registry
@@ -189,8 +190,8 @@ def search(dataset: str, features: str | None, space_path: Path, trials: int = 2
                    "random": lambda: optuna.samplers.RandomSampler(seed=seed)}[search_alg]()
         searcher = OptunaSearch(metric=selection.metric, mode=selection.mode, sampler=sampler,
                                 points_to_evaluate=[first] if from_defaults else None)
-        scheduler = (ASHAScheduler(metric=selection.metric, mode=selection.mode, max_t=epochs,
-                                   grace_period=asha_grace_period(epochs), reduction_factor=2)
+        scheduler = (asha_sparing(first, metric=selection.metric, mode=selection.mode, max_t=epochs,
+                                  grace_period=asha_grace_period(epochs), reduction_factor=2)
                      if early_stopping else FIFOScheduler())
         tuner = tune.Tuner(trainable(), param_space=space.param_space(), run_config=run_config,
                            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
