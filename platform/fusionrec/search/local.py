@@ -78,9 +78,9 @@ class LocalSampler(BaseSampler):
             return choices[neighbours[self._rng.integers(len(neighbours))]] if neighbours else value
         if isinstance(distribution, FloatDistribution | IntDistribution):
             scale = math.log if distribution.log else float
-            low, high, x = scale(distribution.low), scale(distribution.high), scale(value)
-            x += self._rng.normal(0.0, STEP * (high - low))
-            width = high - low  # reflected at the ends: the offset from low, folded into [0, width]
+            low, width, x = scale(distribution.low), scale(distribution.high) - scale(distribution.low), scale(value)
+            x += self._rng.normal(0.0, STEP * width)
+            # reflected at the ends: the offset from low, folded into [0, width]
             x = low + width - abs((x - low) % (2 * width) - width) if width > 0 else low
             x = math.exp(x) if distribution.log else x
             return int(round(x)) if isinstance(distribution, IntDistribution) else float(x)
