@@ -16,8 +16,8 @@ depend on how busy the machine is.
 
 The last line is JSON: per seed and search the budgets, and per ASHA search the ratio to random's
 budget to reach the defaults (below 1: it needed fewer trial-epochs; issue 25's target is <= 0.5).
-Where only ASHA + TPE reached them, random search needs more than the whole budget, and the ratio
-is at most ASHA + TPE's budget / the whole (`ratio_is_bound`; printed with "<"). The mean and
+Where only the ASHA search reached them, random search needs more than the whole budget, and the
+ratio is at most the ASHA search's budget / the whole (`ratio_is_bound`; printed with "<"). The mean and
 worst then bound the truth from above.
 
     .venv/bin/python benchmarks/tune.py SHOP --features FEATURES [--space tune/widths.yaml]

@@ -55,6 +55,17 @@ def test_every_trial_is_a_small_step_from_the_best_one_before_it():
     assert 0 < np.median([s for s in steps if s > 0]) < 0.25 * math.log(25)
 
 
+def test_a_choice_of_names_moves_to_any_other_name():
+    """Variants have no order: from the first one, every other is reachable in one step."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    variants = ["full", "no_image", "no_text", "no_structured", "id_only"]
+    study = optuna.create_study(sampler=LocalSampler(seed=0))
+    study.enqueue_trial({"variant": "full"})
+    study.optimize(lambda trial: 0.0 if trial.suggest_categorical("variant", variants) == "full" else 1.0,
+                   n_trials=30)
+    assert {t.params["variant"] for t in study.trials[1:]} == set(variants[1:])
+
+
 def test_it_starts_from_the_best_reported_value_not_the_last():
     """A trial that reported a better epoch than it ended on (the leaderboard ranks it by that
     epoch) is where the next step starts from."""

@@ -10,7 +10,8 @@ settings by a small step. A (1+1) evolution strategy with a fixed step:
     each setting changes with probability 2 / (number of settings), at least one per trial;
     a range moves by a normal step of STEP x its width (on a log scale for loguniform ones),
         reflected at its ends;
-    a choice moves to a neighbouring entry of its list (lists in tune/ are in order).
+    a choice of numbers (or widths) moves to a neighbouring entry of its list (lists in tune/ are in
+        order); a choice of names (model.variant) to any other name.
 
 A trial is ranked by the best value it reported (as the leaderboard ranks it), so a trial ASHA
 stopped early competes with what it reached. With nothing to start from (no trial yet), it draws
@@ -74,7 +75,10 @@ class LocalSampler(BaseSampler):
         """One small move of `value` within `distribution`."""
         if isinstance(distribution, CategoricalDistribution):
             choices, at = distribution.choices, distribution.choices.index(value)
-            neighbours = [i for i in (at - 1, at + 1) if 0 <= i < len(choices)]
+            if any(isinstance(choice, str) for choice in choices):  # names, in no order: any other
+                neighbours = [i for i in range(len(choices)) if i != at]
+            else:
+                neighbours = [i for i in (at - 1, at + 1) if 0 <= i < len(choices)]
             return choices[neighbours[self._rng.integers(len(neighbours))]] if neighbours else value
         if isinstance(distribution, FloatDistribution | IntDistribution):
             scale = math.log if distribution.log else float
