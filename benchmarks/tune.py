@@ -41,10 +41,10 @@ SEARCHES = {"asha+tpe": ("tpe", True), "asha+local": ("local", True), "random": 
 MARGIN = 0.02
 
 
-def budget_to_reach(board, metric: str, mode: str, target: float) -> float:
-    """Trial-epochs spent (sampled trials in the order they finished) when the best so far first
-    reaches `target`. The defaults trial, if the search ran one, is the target: left out."""
-    done = board[~board["defaults"]].dropna(subset=[f"best_{metric}", "finished_at"]).sort_values("finished_at")
+def budget_to_reach(sampled, metric: str, mode: str, target: float) -> float:
+    """Trial-epochs spent (the `sampled` trials, a leaderboard without the defaults trial, in the
+    order they finished) when the best so far first reaches `target`."""
+    done = sampled.dropna(subset=[f"best_{metric}", "finished_at"]).sort_values("finished_at")
     spent = 0
     for epochs, value in zip(done["epochs_run"], done[f"best_{metric}"], strict=True):
         spent += int(epochs)
@@ -97,9 +97,8 @@ def main(shop: str, features: str = typer.Option(...), space: str = "tune/widths
             runs = {key: n + extra[key] for key, n in runs.items()}  # the defaults trial on top
             result = search(shop, features, Path(space), search_alg=search_alg, early_stopping=early_stopping,
                             from_defaults=from_defaults, **runs, **common)
-            board = result.leaderboard
-            budgets = {what: budget_to_reach(board, metric, mode, target) for what, target in targets.items()}
-            sampled = board[~board["defaults"]]
+            sampled = result.leaderboard[~result.leaderboard["defaults"]]  # the defaults trial is the target
+            budgets = {what: budget_to_reach(sampled, metric, mode, target) for what, target in targets.items()}
             row = rows[seed][name] = {"best": float(sampled[f"best_{metric}"].min() if mode == "min"
                                                     else sampled[f"best_{metric}"].max()),
                                       "trials": len(sampled), "trial_epochs": int(sampled["epochs_run"].sum()),
