@@ -63,11 +63,11 @@ class LocalSampler(BaseSampler):
     def _start(self, study: Study) -> FrozenTrial | None:
         """The finished trial with the best reported value; before any finished, the first trial
         (the defaults: enqueued, so its settings are known while it trains)."""
-        finished = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-                    if _best_reported(t, study.direction) is not None]
+        ended = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        finished = [(value, t) for t in ended if (value := _best_reported(t, study.direction)) is not None]
         if finished:
             sign = 1 if study.direction == StudyDirection.MINIMIZE else -1
-            return min(finished, key=lambda t: sign * _best_reported(t, study.direction))
+            return min(finished, key=lambda scored: sign * scored[0])[1]
         started = [t for t in study.get_trials(deepcopy=False) if t.params]
         return started[0] if started else None
 
