@@ -1,9 +1,11 @@
 """Text and image encoders behind one small interface: `name`, `dim`, `pooling`, `encode(batch)`.
 
 Any Hugging Face BERT-family text model or ViT/DINOv2 image model loads by local path or by
-name (from the local Hugging Face cache; nothing is downloaded). The defaults are the offline
-models that `fusionrec models prepare` makes ready (or their first use does). Pooling is the CLS
-token (as in the paper) or the mean of the token states.
+name (from the local Hugging Face cache; nothing is downloaded). BERT and DINOv2 checkpoints, the
+defaults among them, run on the plain-torch modules of encoders/backbones.py, which load in a
+fraction of the time transformers takes; the others run on transformers' AutoModel. The defaults
+are the offline models that `fusionrec models prepare` makes ready (or their first use does).
+Pooling is the CLS token (as in the paper) or the mean of the token states.
 
 A text can be read whole (`chunks="none"`, the paper's) or sentence by sentence
 (`chunks="sentence"`): each sentence is encoded on its own and the sentence vectors are pooled
@@ -118,6 +120,20 @@ def _as_set(vectors: np.ndarray) -> np.ndarray:
     return padded.reshape(-1)
 
 
+def load_model(model: str):
+    """The network for `model` in eval mode: the plain-torch BERT or DINOv2 of encoders/backbones.py
+    where it reads the checkpoint (transformers is never imported, so a pipeline actor is ready in a
+    fraction of a second), else transformers' AutoModel."""
+    from fusionrec.encoders.backbones import load
+
+    network = load(model)
+    if network is not None:
+        return network
+    from transformers import AutoModel
+
+    return load_pretrained(model, AutoModel).eval()
+
+
 def load_pretrained(model: str, loader):
     """`loader.from_pretrained(model)`, offline, with a one-line error naming the model."""
     try:
@@ -166,16 +182,16 @@ class TextEncoder:
 
     def __init__(self, model: str, pooling: str = "cls", device: str = "cpu", name: str | None = None,
                  chunks: str = "none", chunk_pooling: str = "mean", precision: str = "fp32"):
-        from transformers import AutoModel
-
         self.pooling = _check_pooling(pooling)
         self.chunks = check_choice("text chunks", chunks, TEXT_CHUNKS)
         self.chunk_pooling = check_choice("chunk pooling", chunk_pooling, CHUNK_POOLINGS)
         self.set_size = set_size(chunks, chunk_pooling)
         self.model_path = model
-        self.pad_id = tokenizer_for(model).pad_token_id or 0
         self.precision = resolve_precision(precision, device)
-        self.model = load_pretrained(model, AutoModel).eval().to(device, DTYPES[self.precision])
+        self.model = load_model(model).to(device, DTYPES[self.precision])
+        # Padding is masked out of attention and pooling, so any valid id will do; the config's
+        # (not the tokenizer's) keeps transformers out of the pipeline's model actors.
+        self.pad_id = getattr(self.model.config, "pad_token_id", None) or 0
         self.device = device
         self.name = name or Path(model).name
         self.dim = int(self.model.config.hidden_size) * self.set_size  # a set: its vectors side by side
@@ -247,11 +263,9 @@ class ImageEncoder:
 
     def __init__(self, model: str, pooling: str = "cls", image_size: int | None = None, device: str = "cpu",
                  name: str | None = None, precision: str = "fp32"):
-        from transformers import AutoModel
-
         self.pooling = _check_pooling(pooling)
         self.precision = resolve_precision(precision, device)
-        self.model = load_pretrained(model, AutoModel).eval().to(device, DTYPES[self.precision])
+        self.model = load_model(model).to(device, DTYPES[self.precision])
         size, mean, std = image_settings(model, self.model.config)
         self.image_size = int(image_size or size)
         self.device = device
