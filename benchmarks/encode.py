@@ -90,13 +90,16 @@ class GpuUtilisation:
 
 def preprocess_batches(kind: str, values: list[str], root: Path, model: str, size: int, chunks: str,
                        batch_size: int) -> tuple[list[dict], float]:
-    """The pipeline's preprocessing of `values` in batches, on this thread: (batches, rows/s)."""
-    batches, start = [], time.perf_counter()
-    for first in range(0, len(values), batch_size):
+    """The pipeline's preprocessing of `values` in batches, on this thread: (batches, rows/s), after
+    one warm-up batch (a pipeline worker loads the tokenizer once, as this does in it)."""
+    def prepare(first: int) -> dict:
         part = np.array(values[first:first + batch_size], object)
         batch = {"key": part, "value": part}
-        batches.append(prepare_texts(batch, model, chunks) if kind == "text"
-                       else prepare_images(batch, str(root), size))
+        return prepare_texts(batch, model, chunks) if kind == "text" else prepare_images(batch, str(root), size)
+
+    prepare(0)
+    start = time.perf_counter()
+    batches = [prepare(first) for first in range(0, len(values), batch_size)]
     return batches, len(values) / (time.perf_counter() - start)
 
 
