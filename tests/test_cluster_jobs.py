@@ -23,9 +23,9 @@ pytestmark = pytest.mark.integration
 
 def test_cluster_jobs_tracking_serve_and_down(cluster_env, tiny_shop, tiny_models, tmp_path, free_port):
     up = fusionrec(cluster_env, "cluster", "up", "--workers", "1", "--cpus-per-node", "1")
+    assert up.returncode == 0, up.stderr[-3000:]  # a failed up stops what it started and records nothing
     state = json.loads((Path(cluster_env["FUSIONREC_HOME"]) / "cluster.json").read_text())
     try:
-        assert up.returncode == 0, up.stderr[-3000:]
         exports = dict(line.removeprefix("export ").split("=", 1) for line in up.stdout.splitlines())
         assert exports == {"RAY_ADDRESS": state["address"], "MLFLOW_TRACKING_URI": state["tracking_uri"]}
         assert state["tracking_uri"].startswith("http://127.0.0.1:") and len(state["processes"]) == 3

@@ -49,9 +49,9 @@ def test_a_training_job_survives_losing_a_worker_node(cluster_env, tiny_shop):
     cluster_env |= {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
     home = Path(cluster_env["FUSIONREC_HOME"])
     up = fusionrec(cluster_env, "cluster", "up", "--workers", "2")  # 3 nodes of 1 CPU
+    assert up.returncode == 0, up.stderr[-3000:]  # a failed up stops what it started and records nothing
     state = json.loads((home / "cluster.json").read_text())
     try:
-        assert up.returncode == 0, up.stderr[-3000:]
         # 2 workers of 1 CPU each (cpus_each): on two of the three nodes, and so on one worker node at least
         job = subprocess.Popen(
             [*FUSIONREC, "job", "submit", "train", "--", str(tiny_shop), "--workers", "2", "--epochs", str(EPOCHS),
