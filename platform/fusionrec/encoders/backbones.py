@@ -148,11 +148,12 @@ RENAMES = {
                ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2"), ("layernorm.", "norm.")),
 }
 MODELS = {"bert": Bert, "dinov2": Dinov2}
-# transformers' defaults for what a config.json may leave out; a setting outside these modules
-# (another activation, relative positions, SwiGLU) sends the checkpoint to transformers.
-DEFAULTS = {"hidden_act": "gelu", "position_embedding_type": "absolute", "use_swiglu_ffn": False,
-            "is_decoder": False, "qkv_bias": True, "mlp_ratio": 4, "num_channels": 3, "type_vocab_size": 2}
-SUPPORTED = {"hidden_act": "gelu", "position_embedding_type": "absolute", "use_swiglu_ffn": False, "is_decoder": False}
+# What these modules implement; a checkpoint set otherwise (another activation, relative
+# positions, SwiGLU, a decoder) goes to transformers. Each is also transformers' default.
+REQUIRED = {"hidden_act": "gelu", "position_embedding_type": "absolute", "use_swiglu_ffn": False, "is_decoder": False}
+# transformers' defaults, per architecture, for what a config.json may leave out.
+DEFAULTS = {"bert": {**REQUIRED, "type_vocab_size": 2, "layer_norm_eps": 1e-12},
+            "dinov2": {**REQUIRED, "qkv_bias": True, "mlp_ratio": 4, "num_channels": 3, "layer_norm_eps": 1e-6}}
 
 
 def load(path: str) -> nn.Module | None:
@@ -161,11 +162,13 @@ def load(path: str) -> nn.Module | None:
     folder = Path(path)
     if not ((folder / "config.json").is_file() and (folder / WEIGHTS).is_file()):
         return None
-    config = SimpleNamespace(**{**DEFAULTS, **json.loads((folder / "config.json").read_text())})
-    model_type = getattr(config, "model_type", None)
-    if model_type not in MODELS or any(getattr(config, key) != value for key, value in SUPPORTED.items()):
+    settings = json.loads((folder / "config.json").read_text())
+    model_type = settings.get("model_type")
+    if model_type not in MODELS:
         return None
-    config.layer_norm_eps = getattr(config, "layer_norm_eps", 1e-12 if model_type == "bert" else 1e-6)
+    config = SimpleNamespace(**{**DEFAULTS[model_type], **settings})
+    if any(getattr(config, key) != value for key, value in REQUIRED.items()):
+        return None
     model = MODELS[model_type](config)
     from safetensors.torch import load_file
 
